@@ -1,0 +1,338 @@
+"""The SFT loop: plain PyTorch, one `train()` that reads top to bottom.
+
+setup (data -> encoded examples, model, optimizer) -> per epoch: length-grouped
+batches -> per step: lr_at(step), micro-batches, clip, step -> at epoch end:
+validation loss, probe answers, checkpoint. Progress leaves only through
+`emit(event)` (see events.py); a `threading.Event` asks for a graceful stop.
+It knows nothing of Gradio or threads beyond that event. Speed techniques for
+CUDA live in small named helpers (fastpath.py); the CPU path stays plain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpt
+from .config import TrainConfig, load_config, save_config, validate
+from .data import load_source
+from .encoding import collate_packed, collate_padded, encode_record, length_grouped_batches, pad_id, render_prompt
+from .data import Record
+from .errors import ConfigError
+from .events import (CheckpointSaved, EmitFn, EvalDone, JobFailed, JobFinished, NullSink, RunStarted,
+                     SampleGenerated, StepLogged)
+from .loss import batch_loss_sum, label_positions
+from .models import load_model, load_tokenizer, pick_device
+from .precision import Precision, choose_precision, make_optimizer
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when the stop event is seen at a safe point."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # epochs fully done
+    step_in_epoch: int = 0  # steps done within the current epoch
+
+
+def cosine_lr_with_warmup(step: int, cfg: TrainConfig, num_steps: int) -> float:
+    # 1) linear warmup from lr/warmup to lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    # 2) constant (the reference) stays at lr
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    # 3) cosine from lr down to 10% of lr at the last step
+    progress = (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def plan_epoch(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """The epoch's batches: a pure function of (seed, epoch), so a resumed run replays it exactly."""
+    return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+
+
+def make_micro_batches(examples, cfg: TrainConfig, pad_token_id: int, device: torch.device) -> list[dict]:
+    """Split one step's examples into grad_accum_steps micro-batches, collated and on `device`."""
+    per_micro = math.ceil(len(examples) / cfg.grad_accum_steps)
+    micro = []
+    for start in range(0, len(examples), per_micro):
+        group = examples[start:start + per_micro]
+        batch = collate_packed(group) if cfg.packing else collate_padded(group, pad_token_id)
+        batch["positions"], batch["targets"] = label_positions(batch.pop("labels"))
+        batch["num_tokens"] = sum(len(e) for e in group)
+        micro.append({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return micro
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trained, sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def estimate_val_loss(model, examples, cfg: TrainConfig, pad_token_id: int, device, prec: Precision) -> float:
+    """Mean loss over every validation label token (the training objective, no grad)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    for start in range(0, len(order), cfg.batch_size):
+        group = [examples[i] for i in order[start:start + cfg.batch_size]]
+        for mb in make_micro_batches(group, dataclasses.replace(cfg, grad_accum_steps=1), pad_token_id, device):
+            with prec.autocast():
+                total += batch_loss_sum(model, mb)
+            count += mb["targets"].numel()
+    model.train(was_training)
+    return (total / max(count, 1)).item()
+
+
+@torch.no_grad()
+def generate_probes(model, tokenizer, cfg: TrainConfig, device) -> tuple[tuple[str, str], ...]:
+    """Greedy answers to the probe prompts, rendered exactly as training renders prompts."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in cfg.probe_prompts:
+        text = render_prompt(tokenizer, Record(instruction=prompt, output=""), cfg.data.system_prompt)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.probe_max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id(tokenizer))
+        answers.append((prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    model.train(was_training)
+    return tuple(answers)
+
+
+def save_checkpoint(model, tokenizer, optimizer, state: TrainState, cfg: TrainConfig, run_dir: Path,
+                    name: str, metrics: dict, keep_training_state: bool = True) -> Path:
+    """Write a loadable checkpoint folder atomically (temp folder, then rename)."""
+    final_path = run_dir / "checkpoints" / name
+    tmp = ckpt.begin_checkpoint(final_path)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "run_config.json")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    if keep_training_state:
+        torch.save({
+            "state": dataclasses.asdict(state),
+            "optimizer": optimizer.state_dict(),
+            "rng_torch": torch.random.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": random.getstate(),
+        }, tmp / ckpt.TRAINING_STATE)
+    path = ckpt.commit_checkpoint(tmp, final_path)
+    # Only the newest checkpoint keeps the (large) optimizer state needed to resume.
+    for other in (run_dir / "checkpoints").iterdir():
+        if other != path and (other / ckpt.TRAINING_STATE).exists():
+            (other / ckpt.TRAINING_STATE).unlink()
+    return path
+
+
+def restore_training_state(path: Path, optimizer) -> TrainState:
+    blob = torch.load(path / ckpt.TRAINING_STATE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.random.set_rng_state(blob["rng_torch"])
+    if blob["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng_cuda"])
+    random.setstate(blob["rng_python"])
+    return TrainState(**blob["state"])
+
+
+def build_model(cfg: TrainConfig, device: torch.device, prec: Precision):
+    """Base model (or resumed weights), wrapped with LoRA when asked."""
+    resume = Path(cfg.resume_from) if cfg.resume_from else None
+    if cfg.method == "full":
+        return load_model(str(resume) if resume else cfg.model.spec, device, prec.weight_dtype,
+                          trust_remote_code=cfg.model.trust_remote_code)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_model(cfg.model.spec, device, prec.weight_dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if resume:
+        return PeftModel.from_pretrained(base, str(resume), is_trainable=True)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """For a resumed run, the original run's config (epochs may be raised) and folder."""
+    if not cfg.resume_from:
+        return cfg, None
+    path = Path(cfg.resume_from)
+    if not (path / ckpt.TRAINING_STATE).is_file() or not (path / "run_config.json").is_file():
+        raise ConfigError(f"resume_from: '{path}' is not a resumable checkpoint (no {ckpt.TRAINING_STATE}); "
+                          "pick the newest checkpoint of a run")
+    saved = load_config(path / "run_config.json")
+    merged = dataclasses.replace(saved, resume_from=str(path), epochs=max(cfg.epochs, saved.epochs),
+                                 max_steps=cfg.max_steps, device=cfg.device, compile=cfg.compile)
+    return merged, path.parent.parent
+
+
+def failure_hint(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".lower()
+    if "out of memory" in text or isinstance(error, torch.cuda.OutOfMemoryError):
+        return "Out of memory: lower the batch size (with gradient accumulation to keep the effective batch), shorten max lengths, or use LoRA."
+    if "nan" in text or "inf" in text:
+        return "The loss became NaN/inf: lower the learning rate or turn on gradient clipping (max_grad_norm)."
+    if isinstance(error, OSError):
+        return "Could not write the checkpoint: check free disk space and that the runs folder is writable."
+    return ""
+
+
+def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Event | None = None,
+          runs_root: Path | None = None) -> Path | None:
+    """Run one SFT job. Setup errors raise RuozhiError; failures during the run emit JobFailed."""
+    emit = emit or NullSink()
+    stop_event = stop_event or threading.Event()
+    t0 = time.time()
+    # ---- setup -------------------------------------------------------------------------
+    cfg, resumed_run_dir = resolve_resume(validate(cfg))
+    root = Path(runs_root) if runs_root else ckpt.runs_root()
+    device = pick_device(cfg.device)
+    prec = choose_precision(cfg, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
+    splits = load_source(cfg.data.source, cfg.data.val_fraction, cfg.data.seed)
+    d = cfg.data
+    encode = lambda r: encode_record(tokenizer, r, d.system_prompt, d.max_source_length, d.max_target_length)
+    train_ex, val_ex = [encode(r) for r in splits.train], [encode(r) for r in splits.val]
+    lengths = [len(e) for e in train_ex]
+    pad_token_id = pad_id(tokenizer)
+    model = build_model(cfg, device, prec)
+    model.config.use_cache = False
+    model.train()
+    optimizer = make_optimizer(model, cfg, prec)
+    steps_per_epoch = len(plan_epoch(lengths, cfg, 0))
+    num_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        num_steps = min(num_steps, cfg.max_steps)
+    state = restore_training_state(Path(cfg.resume_from), optimizer) if cfg.resume_from else TrainState()
+    run_dir = resumed_run_dir or ckpt.unique_run_dir(root, cfg.run_name)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    step_fn = prec.wrap_step(model, batch_loss_sum)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log(event) -> None:
+        metrics_file.write(json.dumps({"event": type(event).__name__, **dataclasses.asdict(event)}, ensure_ascii=False) + "\n")
+        metrics_file.flush()
+        emit(event)
+
+    trained, total = count_trainable(model)
+    log(RunStarted(run_dir=str(run_dir), num_steps=num_steps, steps_per_epoch=steps_per_epoch, num_train=len(train_ex),
+                   num_val=len(val_ex), params_trained=trained, params_total=total, device=prec.device_name,
+                   precision=prec.description, start_step=state.step))
+    summary = {"val_loss": [], "train_loss_last": None}
+    last_ckpt = ""
+
+    def checkpoint(name: str, final: bool) -> Path:
+        nonlocal last_ckpt
+        path = save_checkpoint(model, tokenizer, optimizer, state, cfg, run_dir, name,
+                               {**summary, "step": state.step, "epoch": state.epoch})
+        last_ckpt = str(path)
+        log(CheckpointSaved(step=state.step, epoch=state.epoch, path=str(path), final=final))
+        return path
+
+    # ---- loop --------------------------------------------------------------------------
+    try:
+        pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
+        window_tokens, window_t0, steps_timed = 0, time.time(), 0
+        while state.epoch < cfg.epochs and state.step < num_steps:
+            batches = plan_epoch(lengths, cfg, state.epoch)
+            for batch_idx in batches[state.step_in_epoch:]:
+                if stop_event.is_set():
+                    raise StopRequested
+                lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = make_micro_batches([train_ex[i] for i in batch_idx], cfg, pad_token_id, device)
+                label_count = sum(mb["targets"].numel() for mb in micro)
+                step_loss = step_fn(micro, label_count)  # forward + backward of every micro-batch
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                window_tokens += sum(mb["num_tokens"] for mb in micro)
+                pending.append((state.step, lr, step_loss))
+                if len(pending) >= cfg.log_every_steps or state.step_in_epoch == len(batches) or state.step >= num_steps:
+                    losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
+                    now = time.time()
+                    tok_per_s = window_tokens / max(now - window_t0, 1e-9)
+                    steps_timed += len(pending)
+                    eta = (now - t0) / steps_timed * (num_steps - state.step) if steps_timed else 0.0
+                    for (step, step_lr, _), loss in zip(pending, losses):
+                        if not math.isfinite(loss):
+                            raise FloatingPointError(f"loss is {loss} at step {step}")
+                        writer.add_scalar("Loss/train", loss, step)
+                        log(StepLogged(step=step, epoch=step / steps_per_epoch, loss=loss, lr=step_lr,
+                                       tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
+                                       mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
+                    summary["train_loss_last"] = losses[-1]
+                    pending, window_tokens, window_t0 = [], 0, now
+                if state.step >= num_steps:
+                    break
+            # ---- epoch end: validation, probes, checkpoint ---------------------------------
+            epoch_done = state.step_in_epoch >= len(batches)
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
+            summary["val_loss"].append(val_loss)
+            writer.add_scalar("Loss/val", val_loss, state.epoch)
+            log(EvalDone(step=state.step, epoch=state.epoch, val_loss=val_loss,
+                         val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
+            if stop_event.is_set():
+                raise StopRequested
+            if cfg.probe_prompts:
+                log(SampleGenerated(step=state.step, epoch=state.epoch, answers=generate_probes(model, tokenizer, cfg, device)))
+            finished = state.epoch >= cfg.epochs or state.step >= num_steps
+            if finished:
+                break
+            if cfg.save_every_epoch:
+                checkpoint(f"epoch-{state.epoch}", final=False)
+        final = checkpoint("final", final=True)
+        if cfg.method == "lora" and cfg.save_merged:
+            save_merged(model, tokenizer, cfg, run_dir)
+        status = "finished"
+    except StopRequested:
+        final = checkpoint("final", final=True)
+        status = "stopped"
+    except Exception as e:  # reported to the UI; the process keeps serving
+        writer.close()
+        metrics_file.close()
+        emit(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
+                       last_checkpoint=last_ckpt))
+        return None
+    log(JobFinished(status=status, run_dir=str(run_dir), final_checkpoint=str(final), elapsed_s=time.time() - t0))
+    writer.close()
+    metrics_file.close()
+    return final
+
+
+def save_merged(model, tokenizer, cfg: TrainConfig, run_dir: Path) -> Path:
+    """LoRA: base + adapter merged into a plain transformers model folder."""
+    final_path = run_dir / "checkpoints" / "final-merged"
+    tmp = ckpt.begin_checkpoint(final_path)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "run_config.json")
+    return ckpt.commit_checkpoint(tmp, final_path)

@@ -1,0 +1,30 @@
+"""The app's error types, in one place.
+
+Every message names the field or file at fault and says how to fix it. The UI
+turns these into `gr.Error`, the CLI into a one-line message and a non-zero exit;
+neither shows a traceback for them.
+"""
+
+
+class RuozhiError(Exception):
+    """Base class: an error the user can act on."""
+
+
+class ConfigError(RuozhiError):
+    """A setting is out of range or contradicts another."""
+
+
+class DataFormatError(RuozhiError):
+    """A dataset source could not be read or a record is malformed."""
+
+
+class ModelLoadError(RuozhiError):
+    """A model or tokenizer could not be loaded from the given spec."""
+
+
+class JobConflict(RuozhiError):
+    """A training job is already running."""
+
+
+class GenerationError(RuozhiError):
+    """A prompt or checkpoint cannot be used for generation."""

@@ -1,0 +1,101 @@
+"""The small, frozen event objects through which progress leaves the engine.
+
+The engine calls `emit(event)` with these; `jobs.py` folds them into a snapshot
+for the UI, the CLI prints them, tests record them. Nothing here knows about
+threads, Gradio or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_dir: str
+    num_steps: int  # optimiser steps in the whole run
+    steps_per_epoch: int
+    num_train: int  # training examples
+    num_val: int
+    params_trained: int
+    params_total: int
+    device: str  # e.g. "cuda (NVIDIA H100)" or "cpu"
+    precision: str  # e.g. "bf16 autocast, fp32 master weights"
+    start_step: int = 0  # > 0 when resumed
+
+
+@dataclass(frozen=True)
+class StepLogged:
+    step: int  # optimiser steps done, 1-based
+    epoch: float  # fractional epoch, e.g. 1.25
+    loss: float  # mean over the step's label tokens
+    lr: float
+    tok_per_s: float  # input tokens (pads excluded) per second over the last log window
+    elapsed_s: float
+    eta_s: float
+    mem_gib: float  # peak accelerator memory so far (0 on CPU)
+    num_steps: int
+
+
+@dataclass(frozen=True)
+class EvalDone:
+    step: int
+    epoch: int  # 1-based epoch that just ended
+    val_loss: float
+    val_ppl: float
+
+
+@dataclass(frozen=True)
+class SampleGenerated:
+    step: int
+    epoch: int
+    answers: tuple[tuple[str, str], ...]  # (probe prompt, greedy answer)
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    epoch: int
+    path: str
+    final: bool  # the last checkpoint of the run (finished or stopped)
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    status: str  # "finished" or "stopped"
+    run_dir: str
+    final_checkpoint: str
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    error: str  # what went wrong, one line
+    hint: str  # what to try next ("" when there is nothing better to say)
+    run_dir: str = ""
+    last_checkpoint: str = ""
+
+
+Event = Union[RunStarted, StepLogged, EvalDone, SampleGenerated, CheckpointSaved, JobFinished, JobFailed]
+EmitFn = Callable[[Event], None]
+
+
+class NullSink:
+    """An emit that drops everything (nanochat's DummyWandb idea)."""
+
+    def __call__(self, event: Event) -> None:
+        pass
+
+
+class ListSink:
+    """An emit that keeps every event, for tests and the CLI summary."""
+
+    def __init__(self):
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]

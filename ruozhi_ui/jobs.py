@@ -1,0 +1,142 @@
+"""The one training job of the process: its thread, its state, its stop switch.
+
+`JobRunner.start(cfg)` validates the config and runs `engine.train` in a daemon
+thread; engine events are folded into an append-only history under a lock, and
+`snapshot()` hands the UI an immutable `JobSnapshot` whose `version` changes with
+every update (so a timer tick can skip when nothing changed). The UI never
+touches the thread, so a page reload or a second tab re-attaches to the same job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoints import runs_root as default_runs_root
+from .config import TrainConfig, config_to_dict, validate
+from .errors import JobConflict, RuozhiError
+from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, RunStarted, SampleGenerated,
+                     StepLogged)
+
+ACTIVE = ("starting", "running", "stopping")
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    version: int  # bumps on every change
+    status: str  # idle | starting | running | stopping | finished | stopped | failed
+    config: dict = field(default_factory=dict)
+    run_dir: str = ""
+    started: RunStarted | None = None
+    steps: tuple[StepLogged, ...] = ()
+    evals: tuple[EvalDone, ...] = ()
+    samples: tuple[SampleGenerated, ...] = ()
+    checkpoints: tuple[CheckpointSaved, ...] = ()
+    error: str = ""
+    hint: str = ""
+    started_at: float = 0.0  # time.time() when Start was accepted
+    finished_at: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def last_step(self) -> StepLogged | None:
+        return self.steps[-1] if self.steps else None
+
+
+def _default_train(cfg, emit, stop_event, runs_root):
+    from .engine import train  # imported late: torch/transformers load only when training starts
+
+    return train(cfg, emit=emit, stop_event=stop_event, runs_root=runs_root)
+
+
+class JobRunner:
+    """Holds at most one running job; finished jobs stay visible until the next start."""
+
+    def __init__(self, runs_root: Path | None = None, train_fn: Callable | None = None):
+        self.runs_root = Path(runs_root) if runs_root else default_runs_root()
+        self._train_fn = train_fn or _default_train
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._snap = JobSnapshot(version=0, status="idle")
+        self._events: list[Event] = []
+
+    # --- called from UI / CLI threads -------------------------------------------------
+    def start(self, cfg: TrainConfig) -> JobSnapshot:
+        validate(cfg)
+        with self._lock:
+            if self._snap.status in ACTIVE:
+                raise JobConflict("A training run is already in progress; stop it or wait for it to finish")
+            self._stop = threading.Event()
+            self._events = []
+            self._snap = JobSnapshot(version=self._snap.version + 1, status="starting",
+                                     config=config_to_dict(cfg), started_at=time.time())
+            self._thread = threading.Thread(target=self._run, args=(cfg, self._stop), name="ruozhi-train", daemon=True)
+            self._thread.start()
+            return self._snap
+
+    def stop(self) -> bool:
+        """Ask the running job to finish its step, save and stop. False when nothing runs."""
+        with self._lock:
+            if self._snap.status not in ("starting", "running"):
+                return False
+            self._stop.set()
+            self._replace(status="stopping")
+            return True
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            return self._snap
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job's thread ends (tests, CLI). True if it ended."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    # --- called from the training thread ----------------------------------------------
+    def _replace(self, **changes) -> None:
+        fields = {**self._snap.__dict__, **changes, "version": self._snap.version + 1}
+        self._snap = JobSnapshot(**fields)
+
+    def _on_event(self, event: Event) -> None:
+        with self._lock:
+            s = self._snap
+            if isinstance(event, RunStarted):
+                status = "stopping" if s.status == "stopping" else "running"
+                self._replace(status=status, started=event, run_dir=event.run_dir)
+            elif isinstance(event, StepLogged):
+                self._replace(steps=s.steps + (event,))
+            elif isinstance(event, EvalDone):
+                self._replace(evals=s.evals + (event,))
+            elif isinstance(event, SampleGenerated):
+                self._replace(samples=s.samples + (event,))
+            elif isinstance(event, CheckpointSaved):
+                self._replace(checkpoints=s.checkpoints + (event,))
+            elif isinstance(event, JobFinished):
+                self._replace(status=event.status, run_dir=event.run_dir, finished_at=time.time())
+            elif isinstance(event, JobFailed):
+                self._replace(status="failed", error=event.error, hint=event.hint,
+                              run_dir=event.run_dir or s.run_dir, finished_at=time.time())
+
+    def _run(self, cfg: TrainConfig, stop_event: threading.Event) -> None:
+        try:
+            self._train_fn(cfg, self._on_event, stop_event, self.runs_root)
+        except RuozhiError as e:
+            self._on_event(JobFailed(error=str(e), hint=""))
+        except BaseException as e:  # the thread must never die silently: the UI would spin forever
+            traceback.print_exc()
+            self._on_event(JobFailed(error=f"{type(e).__name__}: {e}", hint="See the server log for the traceback."))
+        finally:
+            with self._lock:
+                if self._snap.status in ACTIVE:  # engine returned without a final event
+                    self._replace(status="stopped" if stop_event.is_set() else "finished", finished_at=time.time())

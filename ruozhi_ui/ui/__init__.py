@@ -1,0 +1,1 @@
+"""Gradio tabs: layout and event wiring only; handlers are plain module-level functions."""

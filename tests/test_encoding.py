@@ -1,0 +1,114 @@
+"""The training objective: what is labelled, what is padded, and that packing changes nothing."""
+
+import pytest
+import torch
+
+from ruozhi_ui.data import Record
+from ruozhi_ui.encoding import (IGNORE_INDEX, collate_packed, collate_padded, encode_prompt, encode_record,
+                                end_of_turn_id, length_grouped_batches, render_prompt)
+from ruozhi_ui.loss import batch_loss_sum, label_positions
+
+SYSTEM = "你是一个有帮助的助手"
+RECORDS = [
+    Record("为什么天空是蓝色的", "因为空气把蓝光散射得更多。"),
+    Record("鱼会不会口渴", "鱼生活在水里，通过鳃和皮肤调节水分，不会像人一样感到口渴。"),
+    Record("一加一在什么情况下等于三", "在普通算术里一加一永远等于二，等于三只是玩笑。"),
+]
+
+
+def encode(tokenizer, record, max_source=62, max_target=151):
+    return encode_record(tokenizer, record, SYSTEM, max_source, max_target)
+
+
+def test_labels_cover_exactly_the_answer_and_end_token(tokenizer):
+    e = encode(tokenizer, RECORDS[0])
+    prompt_ids = tokenizer(render_prompt(tokenizer, RECORDS[0], SYSTEM), add_special_tokens=False).input_ids
+    answer_ids = tokenizer(RECORDS[0].output, add_special_tokens=False).input_ids
+    assert e.input_ids == prompt_ids + answer_ids + [end_of_turn_id(tokenizer)]
+    assert e.labels == [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [end_of_turn_id(tokenizer)]
+    assert e.prompt_len == len(prompt_ids)
+
+
+def test_end_token_is_im_end(tokenizer):
+    e = encode(tokenizer, RECORDS[1])
+    assert tokenizer.convert_ids_to_tokens(e.labels[-1]) == "<|im_end|>"
+
+
+def test_no_padding_inside_an_example(tokenizer):
+    pad = tokenizer.pad_token_id
+    for r in RECORDS:
+        assert pad not in encode(tokenizer, r).input_ids
+
+
+def test_prompt_truncation_keeps_the_assistant_header(tokenizer):
+    long = Record("为什么" * 200, "短答案。")
+    ids, truncated = encode_prompt(tokenizer, long, SYSTEM, max_source_length=40)
+    full_ids, _ = encode_prompt(tokenizer, long, SYSTEM, max_source_length=10_000)
+    header = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert truncated and len(ids) == 40
+    assert ids[-len(header):] == header
+    assert ids[:40 - len(header)] == full_ids[:40 - len(header)]
+
+
+def test_answer_truncation_still_ends_with_end_token(tokenizer):
+    e = encode(tokenizer, Record("问题", "很长的回答。" * 100), max_target=5)
+    assert e.answer_truncated
+    assert len(e.input_ids) - e.prompt_len == 6
+    assert e.labels[-1] == end_of_turn_id(tokenizer)
+
+
+def test_collate_pads_on_the_right_only(tokenizer):
+    a, b = encode(tokenizer, RECORDS[0]), encode(tokenizer, RECORDS[1])
+    batch = collate_padded([a, b], tokenizer.pad_token_id)
+    short, long_ = sorted([a, b], key=len)
+    row = [a, b].index(short)
+    n = len(short)
+    assert batch["input_ids"][row, :n].tolist() == short.input_ids
+    assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (len(long_) - n)
+    assert batch["labels"][row, n:].tolist() == [IGNORE_INDEX] * (len(long_) - n)
+
+
+def test_packed_position_ids_restart_per_example(tokenizer):
+    examples = [encode(tokenizer, r) for r in RECORDS]
+    packed = collate_packed(examples)
+    expected = sum((list(range(len(e))) for e in examples), [])
+    assert packed["position_ids"][0].tolist() == expected
+    assert packed["input_ids"].shape == (1, sum(len(e) for e in examples))
+
+
+def _loss_sum(model, batch):
+    batch = dict(batch)
+    batch["positions"], batch["targets"] = label_positions(batch.pop("labels"))
+    return batch_loss_sum(model, batch), batch["targets"].numel()
+
+
+def test_packed_loss_equals_one_at_a_time_loss(tokenizer, demo_model):
+    demo_model.eval()
+    examples = [encode(tokenizer, r) for r in RECORDS]
+    with torch.no_grad():
+        singles = [_loss_sum(demo_model, collate_padded([e], tokenizer.pad_token_id)) for e in examples]
+        packed_sum, packed_n = _loss_sum(demo_model, collate_packed(examples))
+        padded_sum, padded_n = _loss_sum(demo_model, collate_padded(examples, tokenizer.pad_token_id))
+    single_mean = sum(s for s, _ in singles) / sum(n for _, n in singles)
+    assert packed_n == padded_n == sum(n for _, n in singles)
+    assert abs((packed_sum / packed_n).item() - single_mean.item()) < 1e-5
+    assert abs((padded_sum / padded_n).item() - single_mean.item()) < 1e-5
+
+
+def test_chunked_loss_equals_plain_cross_entropy(tokenizer, demo_model):
+    demo_model.eval()
+    batch = collate_padded([encode(tokenizer, r) for r in RECORDS], tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours, n = _loss_sum(demo_model, batch)
+        reference = demo_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss
+    assert abs((ours / n).item() - reference.item()) < 1e-5
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 9, 46, 10, 45]
+    batches = length_grouped_batches(lengths, batch_size=2, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches == length_grouped_batches(lengths, batch_size=2, seed=3)
+    # sorted within a chunk, so pairs hold neighbours in length
+    assert max(abs(lengths[b[0]] - lengths[b[-1]]) for b in batches) <= 1
