@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,9 +23,8 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import TrainConfig, load_config, save_config, validate
-from .data import load_source
+from .data import Record, load_source
 from .encoding import collate_packed, collate_padded, encode_record, length_grouped_batches, pad_id, render_prompt
-from .data import Record
 from .errors import ConfigError
 from .events import (CheckpointSaved, EmitFn, EvalDone, JobFailed, JobFinished, NullSink, RunStarted,
                      SampleGenerated, StepLogged)
@@ -119,18 +119,22 @@ def save_checkpoint(model, tokenizer, optimizer, state: TrainState, cfg: TrainCo
     """Write a loadable checkpoint folder atomically (temp folder, then rename)."""
     final_path = run_dir / "checkpoints" / name
     tmp = ckpt.begin_checkpoint(final_path)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "run_config.json")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
-    if keep_training_state:
-        torch.save({
-            "state": dataclasses.asdict(state),
-            "optimizer": optimizer.state_dict(),
-            "rng_torch": torch.random.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "rng_python": random.getstate(),
-        }, tmp / ckpt.TRAINING_STATE)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_config(cfg, tmp / "run_config.json")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+        if keep_training_state:
+            torch.save({
+                "state": dataclasses.asdict(state),
+                "optimizer": optimizer.state_dict(),
+                "rng_torch": torch.random.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "rng_python": random.getstate(),
+            }, tmp / ckpt.TRAINING_STATE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must never look like a checkpoint
+        raise
     path = ckpt.commit_checkpoint(tmp, final_path)
     # Only the newest checkpoint keeps the (large) optimizer state needed to resume.
     for other in (run_dir / "checkpoints").iterdir():
@@ -220,8 +224,12 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
         num_steps = min(num_steps, cfg.max_steps)
     state = restore_training_state(Path(cfg.resume_from), optimizer) if cfg.resume_from else TrainState()
     run_dir = resumed_run_dir or ckpt.unique_run_dir(root, cfg.run_name)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    except OSError as e:
+        raise ConfigError(f"Cannot write the run folder '{run_dir}' ({e.strerror or e}); "
+                          "check that the runs folder is writable and the disk has space") from None
     step_fn = prec.wrap_step(model, batch_loss_sum)
 
     from torch.utils.tensorboard import SummaryWriter
@@ -251,75 +259,76 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
 
     # ---- loop --------------------------------------------------------------------------
     try:
-        pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
-        window_tokens, window_t0, steps_timed = 0, time.time(), 0
-        while state.epoch < cfg.epochs and state.step < num_steps:
-            batches = plan_epoch(lengths, cfg, state.epoch)
-            for batch_idx in batches[state.step_in_epoch:]:
+        try:
+            pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
+            window_tokens, window_t0, steps_timed = 0, time.time(), 0
+            while state.epoch < cfg.epochs and state.step < num_steps:
+                batches = plan_epoch(lengths, cfg, state.epoch)
+                for batch_idx in batches[state.step_in_epoch:]:
+                    if stop_event.is_set():
+                        raise StopRequested
+                    lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    micro = make_micro_batches([train_ex[i] for i in batch_idx], cfg, pad_token_id, device)
+                    label_count = sum(mb["targets"].numel() for mb in micro)
+                    step_loss = step_fn(micro, label_count)  # forward + backward of every micro-batch
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    state.step_in_epoch += 1
+                    window_tokens += sum(mb["num_tokens"] for mb in micro)
+                    pending.append((state.step, lr, step_loss))
+                    if len(pending) >= cfg.log_every_steps or state.step_in_epoch == len(batches) or state.step >= num_steps:
+                        losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
+                        now = time.time()
+                        tok_per_s = window_tokens / max(now - window_t0, 1e-9)
+                        steps_timed += len(pending)
+                        eta = (now - t0) / steps_timed * (num_steps - state.step) if steps_timed else 0.0
+                        for (step, step_lr, _), loss in zip(pending, losses):
+                            if not math.isfinite(loss):
+                                raise FloatingPointError(f"loss is {loss} at step {step}")
+                            writer.add_scalar("Loss/train", loss, step)
+                            log(StepLogged(step=step, epoch=step / steps_per_epoch, loss=loss, lr=step_lr,
+                                           tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
+                                           mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
+                        summary["train_loss_last"] = losses[-1]
+                        pending, window_tokens, window_t0 = [], 0, now
+                    if state.step >= num_steps:
+                        break
+                # ---- epoch end: validation, probes, checkpoint ---------------------------------
+                epoch_done = state.step_in_epoch >= len(batches)
+                if epoch_done:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
+                summary["val_loss"].append(val_loss)
+                writer.add_scalar("Loss/val", val_loss, state.epoch)
+                log(EvalDone(step=state.step, epoch=state.epoch, val_loss=val_loss,
+                             val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
                 if stop_event.is_set():
                     raise StopRequested
-                lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                micro = make_micro_batches([train_ex[i] for i in batch_idx], cfg, pad_token_id, device)
-                label_count = sum(mb["targets"].numel() for mb in micro)
-                step_loss = step_fn(micro, label_count)  # forward + backward of every micro-batch
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.step_in_epoch += 1
-                window_tokens += sum(mb["num_tokens"] for mb in micro)
-                pending.append((state.step, lr, step_loss))
-                if len(pending) >= cfg.log_every_steps or state.step_in_epoch == len(batches) or state.step >= num_steps:
-                    losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
-                    now = time.time()
-                    tok_per_s = window_tokens / max(now - window_t0, 1e-9)
-                    steps_timed += len(pending)
-                    eta = (now - t0) / steps_timed * (num_steps - state.step) if steps_timed else 0.0
-                    for (step, step_lr, _), loss in zip(pending, losses):
-                        if not math.isfinite(loss):
-                            raise FloatingPointError(f"loss is {loss} at step {step}")
-                        writer.add_scalar("Loss/train", loss, step)
-                        log(StepLogged(step=step, epoch=step / steps_per_epoch, loss=loss, lr=step_lr,
-                                       tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
-                                       mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
-                    summary["train_loss_last"] = losses[-1]
-                    pending, window_tokens, window_t0 = [], 0, now
-                if state.step >= num_steps:
+                if cfg.probe_prompts:
+                    log(SampleGenerated(step=state.step, epoch=state.epoch, answers=generate_probes(model, tokenizer, cfg, device)))
+                finished = state.epoch >= cfg.epochs or state.step >= num_steps
+                if finished:
                     break
-            # ---- epoch end: validation, probes, checkpoint ---------------------------------
-            epoch_done = state.step_in_epoch >= len(batches)
-            if epoch_done:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
-            summary["val_loss"].append(val_loss)
-            writer.add_scalar("Loss/val", val_loss, state.epoch)
-            log(EvalDone(step=state.step, epoch=state.epoch, val_loss=val_loss,
-                         val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
-            if stop_event.is_set():
-                raise StopRequested
-            if cfg.probe_prompts:
-                log(SampleGenerated(step=state.step, epoch=state.epoch, answers=generate_probes(model, tokenizer, cfg, device)))
-            finished = state.epoch >= cfg.epochs or state.step >= num_steps
-            if finished:
-                break
-            if cfg.save_every_epoch:
-                checkpoint(f"epoch-{state.epoch}", final=False)
-        final = checkpoint("final", final=True)
-        if cfg.method == "lora" and cfg.save_merged:
-            save_merged(model, tokenizer, cfg, run_dir)
-        status = "finished"
-    except StopRequested:
-        final = checkpoint("final", final=True)
-        status = "stopped"
+                if cfg.save_every_epoch:
+                    checkpoint(f"epoch-{state.epoch}", final=False)
+            final = checkpoint("final", final=True)
+            if cfg.method == "lora" and cfg.save_merged:
+                save_merged(model, tokenizer, cfg, run_dir)
+            status = "finished"
+        except StopRequested:
+            final = checkpoint("final", final=True)
+            status = "stopped"
     except Exception as e:  # reported to the UI; the process keeps serving
+        log(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
+                      last_checkpoint=last_ckpt))
         writer.close()
         metrics_file.close()
-        emit(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
-                       last_checkpoint=last_ckpt))
         return None
     log(JobFinished(status=status, run_dir=str(run_dir), final_checkpoint=str(final), elapsed_s=time.time() - t0))
     writer.close()
