@@ -176,6 +176,11 @@ def load_model(spec: str, device: torch.device | None = None, dtype: torch.dtype
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     path = resolve_spec(spec)
+    folder = Path(path)
+    if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")) + list(folder.glob("*.pt")):
+        raise ModelLoadError(
+            f"'{spec}' holds only pickled weights (.bin/.pt), which can run code when loaded; this app loads "
+            "safetensors only. Convert it once with transformers: from_pretrained(...).save_pretrained(out, safe_serialization=True)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
