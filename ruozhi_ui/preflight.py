@@ -1,0 +1,99 @@
+"""Pre-flight estimate of a training run: parameters trained, memory, number of steps.
+
+Parameters are counted exactly by building the model on PyTorch's "meta" device
+from its config (no weights are read or downloaded beyond config.json). Memory
+is a rough formula stated in `estimate_memory_bytes`. Knows nothing of Gradio;
+the Train tab formats the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import ModelLoadError
+
+ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34  # Korthikanti et al. 2022, 16-bit, no recompute, no s^2 term (SDPA)
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params_total: int
+    hidden_size: int
+    num_layers: int
+    lora_in_out: tuple[tuple[str, int, int], ...]  # (module leaf name, in_features, out_features) per Linear
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params_total: int
+    params_trained: int
+    num_steps: int | None  # None until the data is loaded (n_train unknown)
+    memory_gib: float
+    weights_gib: float
+    optimizer_gib: float  # grads + AdamW moments
+    activations_gib: float
+
+
+@lru_cache(maxsize=8)
+def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """Exact parameter count and Linear shapes from the config alone (meta device, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_spec
+
+    path = resolve_spec(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # offline without a cached config, missing repo, ...
+        raise ModelLoadError(f"Could not read the config of '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    linears = tuple((name.rsplit(".", 1)[-1], m.in_features, m.out_features)
+                    for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(params_total=sum(p.numel() for p in model.parameters()),
+                      hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
+                      lora_in_out=linears)
+
+
+def lora_params(shape: ModelShape, rank: int, target_modules: tuple[str, ...]) -> int:
+    """A LoRA adapter on a Linear(in, out) adds A (rank x in) and B (out x rank)."""
+    return sum(rank * (i + o) for name, i, o in shape.lora_in_out if name in target_modules)
+
+
+def estimate_memory_bytes(shape: ModelShape, params_trained: int, micro_batch: int, seq_len: int) -> tuple[int, int, int]:
+    """(weights, grads + optimizer, activations) in bytes.
+
+    weights     = 4 B x all parameters (fp32 master weights; bf16 autocast computes in 16 bit)
+    grads+AdamW = (4 + 8) B x trained parameters (fp32 gradient, two fp32 moments)
+    activations = 34 B x micro_batch x seq_len x hidden x layers (Korthikanti et al. 2022,
+                  16-bit activations, no recomputation; flash/SDPA attention stores no s^2 term;
+                  the loss is computed at label positions in chunks, so full logits are not counted)
+    """
+    weights = 4 * shape.params_total
+    optimizer = 12 * params_trained
+    activations = ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * micro_batch * seq_len * shape.hidden_size * shape.num_layers
+    return weights, optimizer, activations
+
+
+def num_steps(n_train: int, epochs: int, batch_size: int, max_steps: int = 0) -> int:
+    """epochs x ceil(n_train / batch_size), capped by max_steps when it is set."""
+    steps = int(epochs) * math.ceil(int(n_train) / max(1, int(batch_size)))
+    return min(steps, int(max_steps)) if max_steps else steps
+
+
+def estimate(cfg, n_train: int | None) -> Estimate:
+    """The estimate for a TrainConfig; `n_train` None or 0 leaves the step count unknown."""
+    shape = model_shape(cfg.model.spec, cfg.model.trust_remote_code)
+    trained = shape.params_total if cfg.method == "full" else lora_params(shape, cfg.lora_rank, cfg.lora_target_modules)
+    seq_len = cfg.data.max_source_length + cfg.data.max_target_length + 1  # + <|im_end|>
+    micro_batch = max(1, cfg.batch_size // max(1, cfg.grad_accum_steps))
+    weights, optimizer, activations = estimate_memory_bytes(shape, trained, micro_batch, seq_len)
+    return Estimate(params_total=shape.params_total, params_trained=trained,
+                    num_steps=num_steps(n_train, cfg.epochs, cfg.batch_size, cfg.max_steps) if n_train else None,
+                    memory_gib=(weights + optimizer + activations) / GIB, weights_gib=weights / GIB,
+                    optimizer_gib=optimizer / GIB, activations_gib=activations / GIB)

@@ -1,0 +1,114 @@
+"""The app shell: top bar (model, trust_remote_code, language, dataset source), the three tabs, launch kwargs.
+
+`build_app(runner=None, runs_root=None)` composes the tabs around one AppContext;
+tests inject a JobRunner and a runs folder. `LAUNCH_KWARGS` is the one dict of
+theme/css/i18n that `app.py` and the tests both hand to `launch()`. No torch or
+transformers import happens here, so the page serves in a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..checkpoints import runs_root as default_runs_root
+from ..config import DEFAULT_DATASET, DEFAULT_MODEL
+from ..i18n import DEFAULT_LANG, gradio_i18n_tables, t
+from ..jobs import JobRunner
+from . import compare_tab, data_tab, train_tab
+from .context import AppContext
+
+L = gr.I18n()
+MODEL_CHOICES = (DEFAULT_MODEL, "demo")
+LANG_CHOICES = (("中文", "zh"), ("English", "en"))
+CSS = """
+.rz-progress { margin: 4px 0 8px; }
+.rz-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
+.rz-fill { height: 100%; background: var(--color-accent); transition: width .5s; }
+.rz-fill.rz-failed { background: #dc2626; } .rz-fill.rz-stopped { background: #f59e0b; }
+.rz-meta { font-size: 0.9em; margin-top: 4px; color: var(--body-text-color-subdued); }
+#app-offline { border: 1px solid #f59e0b; border-radius: 8px; padding: 8px; }
+#app-trust-warning, #app-model-note { color: #b45309; }
+"""
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, i18n=gr.I18n(**gradio_i18n_tables()))
+
+
+def _is_local(value: str) -> bool:
+    return Path(value).expanduser().exists()
+
+
+def needs_hub(model_spec: str, source: str) -> bool:
+    """True when the model or the dataset would come from the Hugging Face Hub."""
+    spec, src = (model_spec or "").strip(), (source or "").strip()
+    hub_model = bool(spec) and spec.lower() != "demo" and not _is_local(spec)
+    hub_data = bool(src) and src != "sample" and not src.lower().endswith((".json", ".jsonl")) and not _is_local(src)
+    return hub_model or hub_data
+
+
+def offline_notice(model_spec: str, source: str, lang: str):
+    """After a failed load: offer the offline fallbacks when the Hub was involved."""
+    if not needs_hub(model_spec, source):
+        return gr.update(visible=False), ""
+    return gr.update(visible=True), t("app.offline_notice", lang, model=model_spec, source=source)
+
+
+def use_demo_model(source: str):
+    """Switch to the offline model; the notice stays while the dataset still needs the Hub."""
+    return "demo", gr.update(visible=needs_hub("demo", source))
+
+
+def use_bundled_sample(model_spec: str):
+    return "sample", "sample", gr.update(visible=needs_hub(model_spec, "sample"))
+
+
+def trust_warning(trusted: bool, lang: str):
+    return gr.update(value=t("app.trust_warning", lang) if trusted else "", visible=bool(trusted))
+
+
+def model_note(model_spec: str, lang: str) -> str:
+    return t("app.demo_note", lang) if (model_spec or "").strip().lower() == "demo" else ""
+
+
+def build_app(runner: JobRunner | None = None, runs_root: Path | None = None) -> gr.Blocks:
+    """The whole UI. Tests pass their own runner (e.g. max_steps runs) and runs folder."""
+    root = Path(runs_root) if runs_root else (runner.runs_root if runner else default_runs_root())
+    runner = runner or JobRunner(root)
+    private = dict(api_visibility="private")
+    with gr.Blocks(title="ruozhi-sft studio") as demo:
+        with gr.Row(equal_height=True, elem_id="app-top"):
+            gr.Markdown(L("app.title"), elem_id="app-title")
+            lang = gr.Radio([list(c) for c in LANG_CHOICES], value=DEFAULT_LANG, label=L("app.lang"),
+                            elem_id="app-lang", scale=0, min_width=200)
+        with gr.Row(equal_height=True):
+            model_spec = gr.Dropdown(list(MODEL_CHOICES), value=DEFAULT_MODEL, allow_custom_value=True,
+                                     label=L("app.model"), info=L("app.model_info"), elem_id="app-model", scale=3)
+            data_source = gr.Textbox(DEFAULT_DATASET, label=L("app.data_source"), info=L("app.data_source_info"),
+                                     elem_id="app-data-source", scale=3)
+            trust = gr.Checkbox(False, label=L("app.trust_remote_code"), elem_id="app-trust", scale=1)
+        trust_md = gr.Markdown(visible=False, elem_id="app-trust-warning")
+        note_md = gr.Markdown(elem_id="app-model-note")
+        with gr.Group(visible=False, elem_id="app-offline") as offline_group:
+            offline_md = gr.Markdown(elem_id="app-offline-text")
+            with gr.Row():
+                demo_button = gr.Button(L("app.use_demo"), size="sm", elem_id="app-use-demo")
+                sample_button = gr.Button(L("app.use_sample"), size="sm", elem_id="app-use-sample")
+
+        ctx = AppContext(runner=runner, runs_root=root, model_spec=model_spec, trust_remote_code=trust,
+                         data_source=data_source, lang=lang)
+        with gr.Tabs(elem_id="app-tabs"):
+            data = data_tab.build(ctx)
+            train = train_tab.build(ctx, data.n_train)
+            with gr.Tab(L("app.compare_tab"), id="compare", elem_id="tab-compare"):
+                compare_tab.build(ctx)
+        data_tab.wire(ctx, data, train.max_source_length, train.max_target_length)
+        train_tab.wire_page_load(demo, ctx, train)
+
+        trust.change(trust_warning, [trust, lang], [trust_md], **private)
+        model_spec.change(model_note, [model_spec, lang], [note_md], **private)
+        data.load_event.failure(offline_notice, [model_spec, data_source, lang], [offline_group, offline_md], **private)
+        data.load_event.success(lambda: gr.update(visible=False), None, [offline_group], **private)
+        demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
+        sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
+                            **private)
+    return demo

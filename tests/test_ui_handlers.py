@@ -1,0 +1,207 @@
+"""UI handlers as plain functions: config building, status rendering, data paging/search, inspector, estimate."""
+
+import dataclasses
+import math
+
+import gradio as gr
+import pytest
+
+from ruozhi_ui.config import DEFAULT_DATASET, DEFAULT_MODEL, TrainConfig
+from ruozhi_ui.encoding import IGNORE_INDEX, encode_record
+from ruozhi_ui.errors import ConfigError
+from ruozhi_ui.events import CheckpointSaved, EvalDone, RunStarted, SampleGenerated, StepLogged
+from ruozhi_ui.jobs import JobRunner, JobSnapshot
+from ruozhi_ui.ui import data_tab, shell, train_tab
+
+
+def _step(i, loss=2.0, num_steps=8):
+    return StepLogged(step=i, epoch=i / 4, loss=loss, lr=1e-4, tok_per_s=1234.0, elapsed_s=10.0 * i, eta_s=65.0,
+                      mem_gib=0.5, num_steps=num_steps)
+
+
+STARTED = RunStarted(run_dir="/runs/r", num_steps=8, steps_per_epoch=4, num_train=40, num_val=4, params_trained=10,
+                     params_total=10, device="cpu", precision="fp32")
+
+
+# --- Train tab -----------------------------------------------------------------------------
+def test_build_train_config_defaults_equal_train_config():
+    cfg = train_tab.build_train_config(DEFAULT_MODEL, False, DEFAULT_DATASET, **train_tab.form_defaults())
+    assert cfg == TrainConfig()
+
+
+def test_build_train_config_takes_widget_values():
+    form = {**train_tab.form_defaults(), "method": "lora", "lora_rank": 4.0, "epochs": 2.0, "max_source_length": 80.0,
+            "lr": 2e-4, "packing": True}
+    cfg = train_tab.build_train_config("demo", True, "sample", **form)
+    assert (cfg.method, cfg.lora_rank, cfg.epochs, cfg.data.max_source_length, cfg.lr, cfg.packing) == \
+        ("lora", 4, 2, 80, 2e-4, True)
+    assert (cfg.model.spec, cfg.model.trust_remote_code, cfg.data.source) == ("demo", True, "sample")
+    assert type(cfg.epochs) is int
+
+
+def test_build_train_config_rejects_fractional_epochs():
+    with pytest.raises(ConfigError, match="epochs must be a whole number"):
+        train_tab.build_train_config("demo", False, "sample", epochs=1.5)
+
+
+def test_build_train_config_rejects_an_empty_number():
+    with pytest.raises(ConfigError, match="batch_size is empty"):
+        train_tab.build_train_config("demo", False, "sample", batch_size=None)
+
+
+def test_render_status_idle_shows_no_run():
+    fig, progress, probes, ckpts, error = train_tab.render_status(JobSnapshot(version=0, status="idle"), "en")
+    assert fig.layout.annotations[0].text == "No training run yet"
+    assert 'data-status="idle"' in progress and "Idle" in progress
+    assert ckpts == "No checkpoints saved yet." and error == ""
+
+
+def test_render_status_running_shows_steps_progress_probes_and_checkpoints():
+    snap = JobSnapshot(version=5, status="running", config={"epochs": 2}, run_dir="/runs/r", started=STARTED,
+                       steps=(_step(1, 3.0), _step(2, 2.5)), evals=(EvalDone(step=2, epoch=1, val_loss=2.4, val_ppl=11.0),),
+                       samples=(SampleGenerated(step=2, epoch=1, answers=(("问题", "回答"),)),),
+                       checkpoints=(CheckpointSaved(step=2, epoch=1, path="/runs/r/checkpoints/epoch-1", final=False),),
+                       started_at=100.0)
+    fig, progress, probes, ckpts, error = train_tab.render_status(snap, "en", now=130.0)
+    assert list(fig.data[0].y) == [3.0, 2.5] and list(fig.data[2].y) == [2.4]
+    assert 'data-step="2" data-num-steps="8"' in progress and "width:25.0%" in progress
+    assert "step 2/8" in progress and "elapsed 0:00:30" in progress and "ETA 0:01:05" in progress
+    assert "**问题**" in probes and "> 回答" in probes
+    assert "/runs/r/checkpoints/epoch-1" in ckpts and error == ""
+
+
+def test_render_status_failed_shows_error_and_hint():
+    snap = JobSnapshot(version=3, status="failed", error="OutOfMemoryError: CUDA", hint="lower the batch size",
+                       started_at=1.0, finished_at=2.0)
+    *_, error = train_tab.render_status(snap, "en")
+    assert error == "**Training failed:** OutOfMemoryError: CUDA\n\n**Hint:** lower the batch size"
+
+
+def test_tick_skips_when_the_version_is_unchanged():
+    runner = JobRunner(runs_root=None)
+    assert all(isinstance(x, type(gr.skip())) for x in train_tab.on_tick(runner, 0, "en"))
+    assert train_tab.on_tick(runner, -1, "en")[0] == 0
+
+
+def test_poll_status_of_an_idle_runner():
+    s = train_tab.poll_status(JobRunner(runs_root=None))
+    assert (s["status"], s["step"], s["num_steps"], s["checkpoints"], s["error"]) == ("idle", 0, 0, [], "")
+
+
+def test_start_conflict_becomes_gr_error(tmp_path):
+    import threading
+
+    release = threading.Event()
+    runner = JobRunner(tmp_path, train_fn=lambda cfg, emit, stop, root: release.wait(10))
+    values = list(train_tab.form_defaults().values())
+    train_tab.on_start(runner, "demo", False, "sample", "en", *values)
+    try:
+        with pytest.raises(gr.Error, match="already in progress"):
+            train_tab.on_start(runner, "demo", False, "sample", "en", *values)
+        assert train_tab.on_stop(runner, "en").startswith("Stop requested")
+    finally:
+        release.set()
+        runner.wait(10)
+
+
+def test_num_steps_is_epochs_times_batches_per_epoch():
+    from ruozhi_ui.preflight import num_steps
+
+    assert num_steps(150, 3, 12) == 3 * math.ceil(150 / 12) == 39
+    assert num_steps(150, 3, 12, max_steps=5) == 5
+
+
+def test_lora_params_count_rank_times_in_plus_out_on_targets():
+    from ruozhi_ui.preflight import ModelShape, lora_params
+
+    shape = ModelShape(params_total=0, hidden_size=4, num_layers=1,
+                       lora_in_out=(("q_proj", 4, 4), ("down_proj", 8, 4), ("lm_head", 4, 100)))
+    assert lora_params(shape, 2, ("q_proj", "down_proj")) == 2 * (4 + 4) + 2 * (8 + 4)
+
+
+def test_estimate_counts_all_demo_parameters_for_full_training(demo_dir, demo_model):
+    from ruozhi_ui.preflight import estimate
+
+    cfg = dataclasses.replace(TrainConfig(), model=dataclasses.replace(TrainConfig().model, spec="demo"))
+    est = estimate(cfg, 24)
+    assert est.params_trained == est.params_total == sum(p.numel() for p in demo_model.parameters())
+    assert est.num_steps == 3 * 2
+
+
+# --- Data tab ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return data_tab.load_data("sample", "demo")
+
+
+def test_load_data_is_cached_per_source_and_model(loaded):
+    assert data_tab.load_data("sample", "demo") is loaded
+    assert len(loaded.rows) == len(loaded.splits.train) + len(loaded.splits.val)
+
+
+def test_preview_pages_through_rows(loaded):
+    table, page, n_pages, n = data_tab.preview_page(loaded.rows, "", 2, 10)
+    assert [row[0] for row in table] == list(range(10, 20))
+    assert (page, n_pages, n) == (2, math.ceil(len(loaded.rows) / 10), len(loaded.rows))
+
+
+def test_preview_clamps_the_page_number(loaded):
+    _, page, n_pages, _ = data_tab.preview_page(loaded.rows, "", 10_000, 10)
+    assert page == n_pages
+
+
+def test_search_filters_instruction_and_output(loaded):
+    word = loaded.rows[3][1].instruction[:4]
+    table, _, _, n = data_tab.preview_page(loaded.rows, word, 1, 100)
+    assert 3 in [row[0] for row in table]
+    assert n == sum(1 for _, r in loaded.rows if word.lower() in r.instruction.lower() or word.lower() in r.output.lower())
+
+
+def test_failed_load_raises_gr_error_and_keeps_the_cache(loaded):
+    with pytest.raises(gr.Error, match="Loading failed"):
+        data_tab.on_load("/no/such/file.json", "demo", False, 10, "en")
+    assert data_tab.load_data("sample", "demo") is loaded
+
+
+def test_inspector_highlights_exactly_the_label_tokens(loaded, tokenizer):
+    text, segments, summary = data_tab.inspect_record(loaded, 0, 62, 151, "en")
+    ex = encode_record(tokenizer, loaded.rows[0][1], "你是一个有帮助的助手", 62, 151)
+    trained = [s for s, cat in segments if cat is not None]
+    assert "".join(trained) == tokenizer.decode([x for x in ex.labels if x != IGNORE_INDEX])
+    assert "".join(s for s, cat in segments if cat is None) == tokenizer.decode(ex.input_ids[:ex.prompt_len])
+    assert text == tokenizer.decode(ex.input_ids)
+    assert f"{sum(1 for x in ex.labels if x != IGNORE_INDEX)} answer" in summary
+
+
+def test_inspector_rejects_an_out_of_range_row(loaded):
+    with pytest.raises(Exception, match="Row index out of range"):
+        data_tab.inspect_record(loaded, len(loaded.rows), 62, 151, "en")
+
+
+def test_stats_handler_gives_table_figure_and_suggestions(loaded):
+    table, fig, truncation, src, tgt = data_tab.on_stats(loaded.key, 62, 151, "en")
+    stats = data_tab.data_stats(loaded, 62, 151)
+    assert [row[0] for row in table["data"]] == ["Instruction", "Output", "Templated prompt", "Total"]
+    assert len(fig.data) == 4 and "max_source_length 62" in truncation
+    assert (src, tgt) == (stats.suggested_max_source_length, stats.suggested_max_target_length)
+
+
+def test_use_suggested_lengths_copies_both_values():
+    assert data_tab.copy_suggested(57.0, 117.0) == (57, 117)
+
+
+def test_use_suggested_lengths_without_stats_changes_nothing():
+    assert all(isinstance(x, type(gr.skip())) for x in data_tab.copy_suggested(None, None))
+
+
+def test_source_kind_sets_the_source_textbox():
+    assert data_tab.source_for_kind("sample", DEFAULT_DATASET) == ("sample", False)
+    assert data_tab.source_for_kind("hub", "sample") == (DEFAULT_DATASET, False)
+    assert data_tab.source_for_kind("upload", "sample") == ("sample", True)
+
+
+# --- shell ---------------------------------------------------------------------------------
+def test_offline_notice_only_when_the_hub_is_involved():
+    assert shell.needs_hub(DEFAULT_MODEL, "sample") and shell.needs_hub("demo", DEFAULT_DATASET)
+    assert not shell.needs_hub("demo", "sample")
+    assert shell.offline_notice("demo", "sample", "en")[1] == ""
