@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from gradio.context import Context
 from gradio.i18n import I18nData
 
 from .. import generation as g
@@ -353,18 +352,12 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
     refresh_io = dict(fn=refresh_checkpoints, inputs=[h.runs_root, h.checkpoint], outputs=[h.checkpoint],
                       queue=False, api_visibility="private")
     h.refresh.click(**refresh_io)
-    # Re-list checkpoints when the tab is shown and when the page loads, so a run
-    # that finished while the user was elsewhere appears without a click.
-    if isinstance(Context.block, gr.Tab):
-        Context.block.select(**refresh_io)
     titles_io = dict(fn=on_checkpoint_change, inputs=[h.checkpoint, h.system_prompt, ctx.lang],
                      outputs=[h.system_prompt, h.tuned_label], queue=False, api_visibility="private")
     h.checkpoint.change(**titles_io)
     base_io = dict(fn=on_base_change, inputs=[ctx.model_spec, ctx.lang], outputs=[h.base_label], queue=False,
                    api_visibility="private")
     ctx.model_spec.change(**base_io)
-    if Context.root_block is not None:
-        Context.root_block.load(**refresh_io).then(**titles_io).then(**base_io)
     ctx.lang.change(**base_io).then(fn=tuned_title, inputs=[h.checkpoint, ctx.lang], outputs=[h.tuned_label],
                                     queue=False, api_visibility="private")
 
@@ -380,3 +373,15 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
                                  h.runs_root, ctx.lang], [h.ab_loss, h.ab_table, h.ab_csv], api_name="compare_ab")
     h.stop.click(stop_generation, None, None, cancels=[submitted, clicked, ab], queue=False, api_visibility="private")
     h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
+
+
+def wire_page_load(demo: gr.Blocks, tab: gr.Tab, ctx: AppContext, h: CompareHandles) -> None:
+    """Re-list checkpoints when the tab is shown and when the page loads, so a run
+    that finished while the user was elsewhere appears without a click."""
+    refresh_io = dict(fn=refresh_checkpoints, inputs=[h.runs_root, h.checkpoint], outputs=[h.checkpoint],
+                      queue=False, api_visibility="private")
+    tab.select(**refresh_io)
+    demo.load(**refresh_io).then(
+        on_checkpoint_change, [h.checkpoint, h.system_prompt, ctx.lang], [h.system_prompt, h.tuned_label],
+        queue=False, api_visibility="private").then(
+        on_base_change, [ctx.model_spec, ctx.lang], [h.base_label], queue=False, api_visibility="private")

@@ -99,9 +99,10 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None) ->
         with gr.Tabs(elem_id="app-tabs"):
             data = data_tab.build(ctx)
             train = train_tab.build(ctx, data.n_train)
-            with gr.Tab(L("app.compare_tab"), id="compare", elem_id="tab-compare"):
-                compare_tab.build(ctx)
+            with gr.Tab(L("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
+                compare = compare_tab.build(ctx)
         data_tab.wire(ctx, data, train.max_source_length, train.max_target_length)
+        compare_tab.wire_page_load(demo, compare_block, ctx, compare)
         train_tab.wire_page_load(demo, ctx, train)
 
         trust.change(trust_warning, [trust, lang], [trust_md], **private)
