@@ -154,6 +154,27 @@ def _load_error(spec: str, what: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"Could not load the {what} for '{spec}': {first_line}.{hint}")
 
 
+# What a causal LM needs from a Hub repo: configs, tokenizer files and safetensors (never pickles).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def fetch_model_files(spec: str) -> str:
+    """Download a Hub model into the Hugging Face cache; a no-op for `demo` and local folders.
+
+    UI events call this under `gr.Progress(track_tqdm=True)` before a long job, so
+    the ~1 GB download shows its progress in the page instead of stalling a thread.
+    """
+    path = resolve_spec(spec)
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=HUB_FILE_PATTERNS)
+    except Exception as e:
+        raise _load_error(spec, "model files", e) from None
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """Only the tokenizer: enough for statistics, never loads weights."""
     from transformers import AutoTokenizer

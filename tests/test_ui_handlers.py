@@ -205,3 +205,30 @@ def test_offline_notice_only_when_the_hub_is_involved():
     assert shell.needs_hub(DEFAULT_MODEL, "sample") and shell.needs_hub("demo", DEFAULT_DATASET)
     assert not shell.needs_hub("demo", "sample")
     assert shell.offline_notice("demo", "sample", "en")[1] == ""
+
+
+def test_start_fetches_a_hub_model_first_and_reports_offline_clearly(monkeypatch):
+    import huggingface_hub
+
+    from ruozhi_ui.ui.train_tab import on_fetch_model
+
+    calls = []
+
+    def offline(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["allow_patterns"]))
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(gr.Error, match="demo"):
+        on_fetch_model("Qwen/Qwen2.5-0.5B-Instruct", "en")
+    assert calls[0][0] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "*.safetensors" in calls[0][1] and not any("bin" in p for p in calls[0][1])
+
+
+def test_start_needs_no_download_for_the_demo_model(monkeypatch, demo_dir):
+    import huggingface_hub
+
+    from ruozhi_ui.ui.train_tab import on_fetch_model
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
+    on_fetch_model("demo", "en")

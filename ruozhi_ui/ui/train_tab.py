@@ -183,6 +183,16 @@ def on_start(runner: JobRunner, model_spec, trust_remote_code, data_source, lang
     return t("train.started", lang, run_name=cfg.run_name)
 
 
+def on_fetch_model(model_spec, lang, progress=gr.Progress(track_tqdm=True)):
+    """Before Start: download a Hub model here, in an event, so the page shows the download's progress."""
+    from ..models import fetch_model_files  # lazy: torch loads on first use, not at app start
+
+    try:
+        fetch_model_files(model_spec or "")
+    except RuozhiError as e:
+        raise gr.Error(t("errors.start_failed", lang, error=str(e))) from None
+
+
 def on_stop(runner: JobRunner, lang):
     return t("train.stop_requested" if runner.stop() else "train.nothing_to_stop", lang)
 
@@ -305,8 +315,8 @@ def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Gro
     form = list(h.inputs.values())
     top = [ctx.model_spec, ctx.trust_remote_code, ctx.data_source]
     method.change(on_method, [method], [lora_group], **private)
-    h.start_button.click(partial(on_start, ctx.runner), top + [ctx.lang] + form, [h.action_status],
-                         api_name="start_training")
+    h.start_button.click(on_fetch_model, [ctx.model_spec, ctx.lang], None, **private).success(
+        partial(on_start, ctx.runner), top + [ctx.lang] + form, [h.action_status], api_name="start_training")
     h.stop_button.click(partial(on_stop, ctx.runner), [ctx.lang], [h.action_status], api_name="stop_training")
     estimate_io = dict(inputs=top + [n_train, ctx.lang] + form, outputs=[h.estimate])
     h.estimate_button.click(on_estimate, **estimate_io, api_name="estimate")
