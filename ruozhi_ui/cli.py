@@ -172,8 +172,7 @@ class Printer:
             self._say(f"step {event.step}/{event.num_steps}  epoch {event.epoch:.2f}  loss {event.loss:.4f}  "
                       f"lr {event.lr:.2e}  {event.tok_per_s:,.0f} tok/s  ETA {_duration(event.eta_s)}")
         elif isinstance(event, ev.EvalDone):
-            self._say(f"val loss {event.val_loss:.4f} (ppl {event.val_ppl:.2f}) at step {event.step}, "
-                      f"{event.epoch} epoch(s) complete")
+            self._say(f"epoch {event.epoch}: val loss {event.val_loss:.4f} (ppl {event.val_ppl:.2f}) at step {event.step}")
         elif isinstance(event, ev.SampleGenerated):
             for prompt, answer in event.answers:
                 one_line = " ".join(answer.split())

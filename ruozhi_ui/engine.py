@@ -303,15 +303,17 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
                 if epoch_done:
                     state.epoch += 1
                     state.step_in_epoch = 0
+                epoch_label = state.epoch if epoch_done else state.epoch + 1  # 1-based; max_steps may end mid-epoch
                 val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
                 summary["val_loss"].append(val_loss)
-                writer.add_scalar("Loss/val", val_loss, state.epoch)
-                log(EvalDone(step=state.step, epoch=state.epoch, val_loss=val_loss,
+                writer.add_scalar("Loss/val", val_loss, epoch_label)
+                log(EvalDone(step=state.step, epoch=epoch_label, val_loss=val_loss,
                              val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
                 if stop_event.is_set():
                     raise StopRequested
                 if cfg.probe_prompts:
-                    log(SampleGenerated(step=state.step, epoch=state.epoch, answers=generate_probes(model, tokenizer, cfg, device)))
+                    answers = generate_probes(model, tokenizer, cfg, device)
+                    log(SampleGenerated(step=state.step, epoch=epoch_label, answers=answers))
                 finished = state.epoch >= cfg.epochs or state.step >= num_steps
                 if finished:
                     break

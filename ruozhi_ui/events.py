@@ -41,7 +41,7 @@ class StepLogged:
 @dataclass(frozen=True)
 class EvalDone:
     step: int
-    epoch: int  # 1-based epoch that just ended
+    epoch: int  # 1-based epoch that just ended (or is in progress, when max_steps ends a run mid-epoch)
     val_loss: float
     val_ppl: float
 
