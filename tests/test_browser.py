@@ -1,0 +1,210 @@
+"""The whole journey in a real browser: load data, train, reload mid-run, compare base vs tuned.
+
+One app per module on 127.0.0.1 (demo model, bundled sample, the real engine behind a
+gate that parks the run after a few steps so the reload happens provably mid-run), one
+headless Chromium page in the app's default locale (zh-CN). The tests run in order and
+share the page, like a user would. Elements are found by elem_id, never by text. Every
+request that leaves 127.0.0.1 is aborted and recorded; the last test asserts there were
+none. Screenshots of the three tabs are saved (see SCREENSHOTS) for the README.
+"""
+
+from __future__ import annotations
+
+import re
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, GatedTrain, LocalOnly, bot_texts, free_port, input_value,
+                             plot_points, require_chromium, wait_plot_points, wait_progress)
+from ruozhi_ui.config import REFERENCE_PROMPTS
+from ruozhi_ui.jobs import JobRunner
+from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
+from ruozhi_ui.ui.train_tab import form_defaults
+
+DEFAULTS = form_defaults()
+# Screenshots land in a temp folder; to refresh the README's images after a UI change run
+# `RUOZHI_SCREENSHOTS=docs/screenshots python -m pytest tests/test_browser.py`.
+SCREENSHOTS = Path(os.environ.get("RUOZHI_SCREENSHOTS", Path(tempfile.gettempdir()) / "ruozhi-screenshots"))
+RUN_NAME = "browser-e2e"
+MAX_STEPS = 12  # under one epoch of the sample: a few seconds on CPU
+HOLD_AT = 3  # the gate parks the run after this step
+SLOW = 90_000  # ms: generous limits for a 2-core CI machine; conditions end the waits, not time
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, demo_dir):
+    runs = tmp_path_factory.mktemp("browser-runs")
+    gate = GatedTrain(hold_at=HOLD_AT)
+    runner = JobRunner(runs_root=runs, train_fn=gate)
+    demo = build_app(runner=runner, runs_root=runs)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_KWARGS)
+    yield {"url": f"http://127.0.0.1:{port}/", "runner": runner, "gate": gate, "runs": runs}
+    gate.release.set()  # never leave the training thread parked
+    runner.stop()
+    runner.wait(60)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(app):
+    executable = require_chromium()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(locale="zh-CN", viewport=VIEWPORT)
+        guard = LocalOnly().install(context)
+        page = context.new_page()
+        page.set_default_timeout(SLOW)
+        expect.set_options(timeout=SLOW)
+        page.goto(app["url"])
+        page.wait_for_selector("#data-load")
+        yield page, guard
+        context.close()
+        browser.close()
+
+
+def _open_tab(page, tab_id: str) -> None:
+    page.locator(f"#tab-{tab_id}-button").click()
+    expect(page.locator(f"#tab-{tab_id}-button")).to_have_attribute("aria-selected", "true")
+
+
+def _use_demo_model_and_sample(page) -> None:
+    """The offline pair in the top bar (a reload puts the Hub defaults back); the Data tab must be shown."""
+    box = page.locator("#app-model input")
+    box.fill("demo")
+    box.press("Enter")
+    expect(box).to_have_value("demo")
+    page.locator("#data-source-kind input[value='sample']").check()  # the radio fills the source box
+    expect(page.locator("#app-data-source textarea")).to_have_value("sample")
+
+
+def _fill(page, selector: str, default, value) -> None:
+    """Type into a form field once it shows its default: a freshly mounted input may still be syncing it."""
+    box = page.locator(selector)
+    expect(box).to_have_value(str(default))
+    box.fill(str(value))
+    expect(box).to_have_value(str(value))
+
+
+def _shot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+
+
+# --- 1. Data tab --------------------------------------------------------------------------
+def test_loading_the_sample_with_the_demo_model_fills_preview_stats_and_histograms(browser_page):
+    page, _ = browser_page
+    _use_demo_model_and_sample(page)
+    page.locator("#data-load").click()
+
+    expect(page.locator("#data-histograms .js-plotly-plot")).to_have_count(1)
+    # The tables are virtualised grids: aria-rowcount counts the header row too.
+    expect(page.locator("#data-preview [role=grid]")).to_have_attribute("aria-rowcount", "11")  # 10 rows a page
+    expect(page.locator("#data-preview [data-testid='cell-0-2']")).not_to_be_empty()  # an instruction
+    expect(page.locator("#data-stats [role=grid]")).to_have_attribute("aria-rowcount", "5")  # 4 fields
+    numbers = [page.locator(f"#data-stats [data-testid='cell-{r}-{c}']").inner_text().strip()
+               for r in range(4) for c in range(1, 5)]  # min, max, mean, p95
+    assert all(re.fullmatch(r"\d+(\.\d+)?", n) for n in numbers), numbers
+    assert plot_points(page, "data-histograms") > 0
+    _shot(page, "data.png")
+
+
+def test_use_suggested_lengths_changes_the_train_forms_max_lengths(browser_page):
+    page, _ = browser_page
+    suggested = (input_value(page, "data-suggested-source"), input_value(page, "data-suggested-target"))
+    _open_tab(page, "train")  # a tab's inputs exist in the DOM once it has been shown
+    before = (input_value(page, "train-max-source-length"), input_value(page, "train-max-target-length"))
+    assert all(v.isdigit() for v in suggested) and suggested != before, (before, suggested)
+    _open_tab(page, "data")
+    page.locator("#data-use-suggested").click()
+    _open_tab(page, "train")
+    expect(page.locator("#train-max-source-length input")).to_have_value(suggested[0])
+    expect(page.locator("#train-max-target-length input")).to_have_value(suggested[1])
+
+
+# --- 2. Train tab -------------------------------------------------------------------------
+def test_start_shows_the_run_progressing_with_loss_points(browser_page, app):
+    page, _ = browser_page
+    _open_tab(page, "train")
+    expect(page.locator("#train-loss-chart .js-plotly-plot")).to_have_count(1)
+    assert plot_points(page, "train-loss-chart") == 0  # idle: a chart with a message and no trace
+    advanced = page.locator("#tab-train button.label-wrap")  # the tab's one accordion ("Advanced")
+    expect(advanced).to_have_count(1)
+    advanced.click()
+    _fill(page, "#train-epochs input", DEFAULTS["epochs"], 1)
+    _fill(page, "#train-max-steps input", DEFAULTS["max_steps"], MAX_STEPS)
+    _fill(page, "#train-run-name textarea", DEFAULTS["run_name"], RUN_NAME)
+    page.locator("#train-start").click()
+    expect(page.locator("#train-action-status")).to_contain_text(RUN_NAME)
+    config = app["runner"].snapshot().config
+    assert (config["epochs"], config["max_steps"], config["run_name"]) == (1, MAX_STEPS, RUN_NAME), config
+
+    first = wait_progress(page, "p.step >= 1", SLOW)
+    assert first["status"] == "running" and first["num_steps"] == MAX_STEPS, first
+    assert app["gate"].held.wait(SLOW / 1000), "the run never reached the gate"
+    held = wait_progress(page, f"p.step === {HOLD_AT}")
+    assert held["status"] == "running", held
+    wait_plot_points(page, "train-loss-chart", HOLD_AT)
+
+
+def test_a_reloaded_page_still_follows_the_running_job(browser_page, app):
+    page, _ = browser_page
+    page.reload()
+    page.wait_for_selector("#data-load")
+    _use_demo_model_and_sample(page)
+    _open_tab(page, "train")
+    after_reload = wait_progress(page, f"p.step === {HOLD_AT}")
+    assert after_reload["status"] == "running"
+    wait_plot_points(page, "train-loss-chart", HOLD_AT)  # the chart came back with the run's points
+    app["gate"].release.set()
+    moved = wait_progress(page, f"p.step > {HOLD_AT}")
+    assert moved["status"] in ("running", "finished"), moved
+
+
+def test_the_run_finishes_with_every_loss_point_and_a_final_checkpoint(browser_page):
+    page, _ = browser_page
+    done = wait_progress(page, "p.status === 'finished'", SLOW)
+    assert done["step"] == done["num_steps"] == MAX_STEPS
+    wait_plot_points(page, "train-loss-chart", MAX_STEPS)
+    expect(page.locator("#train-checkpoints")).to_contain_text("final")
+    expect(page.locator("#train-checkpoints")).to_contain_text(RUN_NAME)
+    _shot(page, "train.png")
+
+
+# --- 3. Compare tab -----------------------------------------------------------------------
+def test_compare_answers_a_reference_prompt_in_both_labelled_panes(browser_page):
+    page, _ = browser_page
+    _open_tab(page, "compare")
+    page.locator("#compare-refresh").click()
+    picker = page.locator("#compare-checkpoint input")
+    expect(picker).to_have_value(re.compile(re.escape(RUN_NAME)))
+    picker.click()
+    page.get_by_role("option", name=f"{RUN_NAME}/checkpoints/final", exact=True).click()
+    expect(picker).to_have_value(f"{RUN_NAME}/checkpoints/final")
+    expect(page.locator("#compare-base-label")).to_contain_text("demo")
+    expect(page.locator("#compare-tuned-label")).to_contain_text(f"{RUN_NAME}/checkpoints/final")
+
+    page.locator("#compare-input textarea").fill(REFERENCE_PROMPTS[0])
+    page.locator("#compare-send").click()
+    # Done = each pane holds one non-empty answer and its status tracker is hidden again (streaming over).
+    page.wait_for_function("""() => ['compare-base-chat', 'compare-tuned-chat'].every(id => {
+        const bots = document.querySelectorAll('#' + id + ' .message-row.bot-row');
+        const tracker = document.querySelector('#' + id + ' [data-testid=status-tracker]');
+        return bots.length === 1 && bots[0].innerText.trim().length > 0 && tracker.classList.contains('hide');
+    })""", timeout=SLOW)
+    for pane in ("compare-base-chat", "compare-tuned-chat"):
+        assert [t for t in bot_texts(page, pane) if t], pane
+    expect(page.locator("#compare-base-label")).to_contain_text("demo")
+    expect(page.locator("#compare-tuned-label")).to_contain_text(f"{RUN_NAME}/checkpoints/final")
+    _shot(page, "compare.png")
+
+
+# --- 4. Network -----------------------------------------------------------------------------
+def test_no_request_left_localhost(browser_page):
+    _, guard = browser_page
+    assert guard.seen, "the route handler saw no requests at all"
+    assert guard.outside == []
