@@ -14,6 +14,7 @@ import gradio as gr
 
 from ..checkpoints import runs_root as default_runs_root
 from ..config import DEFAULT_DATASET, DEFAULT_MODEL
+from ..data import MAX_FILE_BYTES
 from ..i18n import DEFAULT_LANG, gradio_i18n_tables, t
 from ..jobs import JobRunner
 from . import compare_tab, data_tab, train_tab
@@ -31,7 +32,9 @@ CSS = """
 #app-offline { border: 1px solid #f59e0b; border-radius: 8px; padding: 8px; }
 #app-trust-warning, #app-model-note { color: #b45309; }
 """
-LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, i18n=gr.I18n(**gradio_i18n_tables()))
+# max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, i18n=gr.I18n(**gradio_i18n_tables()),
+                     max_file_size=MAX_FILE_BYTES)
 
 
 def _is_local(value: str) -> bool:
