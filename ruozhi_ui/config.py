@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoints import sanitize_run_name
 from .errors import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -115,6 +116,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    sanitize_run_name(cfg.run_name)  # refuses a name with nothing safe left, before any job starts
     return cfg
 
 

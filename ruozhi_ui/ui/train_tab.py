@@ -18,7 +18,6 @@ from functools import partial
 import gradio as gr
 
 from .. import plots
-from ..checkpoints import sanitize_run_name
 from ..config import ModelConfig, TrainConfig, validate
 from ..errors import ConfigError, RuozhiError
 from ..i18n import t
@@ -63,7 +62,6 @@ def build_train_config(model_spec: str, trust_remote_code: bool, data_source: st
     for name in FLOAT_FIELDS:
         values[name] = _number(name, values[name], float)
     values["packing"], values["save_merged"] = bool(values["packing"]), bool(values["save_merged"])
-    sanitize_run_name(str(values["run_name"]))  # refuse a name with nothing safe left now, not after the job starts
     data = dataclasses.replace(DEFAULTS.data, source=(data_source or "").strip(),
                                **{k: values.pop(k) for k in DATA_FIELDS})
     model = ModelConfig(spec=(model_spec or "").strip(), trust_remote_code=bool(trust_remote_code))
