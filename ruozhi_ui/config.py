@@ -71,7 +71,8 @@ class TrainConfig:
     save_every_epoch: bool = True  # the reference saved each epoch
     resume_from: str = ""  # checkpoint folder to continue from ("" = fresh run)
     device: str = "auto"  # "auto", "cpu", "cuda"
-    compile: str = "auto"  # "auto" (on for CUDA), "on", "off": torch.compile the model
+    cuda_graphs: str = "auto"  # "auto"/"on": full-parameter steps on CUDA run as replayed CUDA graphs; "off": eager
+    save_resume_state: bool = True  # keep optimizer/RNG state (2x the model) with the newest checkpoint for resume
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit; for smoke tests)
 
 
@@ -107,7 +108,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (cfg.method != "lora" or len(cfg.lora_target_modules) > 0, "lora_target_modules must name at least one module"),
         (cfg.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
-        (cfg.compile in ("auto", "on", "off"), "compile must be 'auto', 'on' or 'off'"),
+        (cfg.cuda_graphs in ("auto", "on", "off"), "cuda_graphs must be 'auto', 'on' or 'off'"),
         (cfg.log_every_steps >= 1, "log_every_steps must be at least 1"),
         (cfg.max_steps >= 0, "max_steps must be 0 (no limit) or more"),
         (bool(cfg.model.spec.strip()), "model spec is empty: give a Hub id, a local folder or 'demo'"),

@@ -30,7 +30,7 @@ from .events import (CheckpointSaved, EmitFn, EvalDone, JobFailed, JobFinished, 
                      SampleGenerated, StepLogged)
 from .loss import batch_loss_sum, label_positions
 from .models import load_model, load_tokenizer, pick_device
-from .precision import Precision, choose_precision, make_optimizer
+from .precision import Precision, choose_precision, make_optimizer, set_lr
 
 
 class StopRequested(Exception):
@@ -72,6 +72,41 @@ def make_micro_batches(examples, cfg: TrainConfig, pad_token_id: int, device: to
         batch["num_tokens"] = sum(len(e) for e in group)
         micro.append({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
     return micro
+
+
+class EagerStep:
+    """One optimiser step the plain way: forward/backward per micro-batch, clip, AdamW step, zero grads.
+
+    Called as (batch_no, examples, lr) -> (mean loss of the step as a device tensor, input tokens).
+    fastpath.CudaGraphStep has the same shape and replays the whole step as a CUDA graph.
+    """
+
+    def __init__(self, model, optimizer, cfg: TrainConfig, prec: Precision, pad_token_id: int):
+        self.model, self.optimizer, self.cfg, self.prec, self.pad_token_id = model, optimizer, cfg, prec, pad_token_id
+        self.step_fn = prec.wrap_step(model, batch_loss_sum)
+
+    def prepare_epoch(self, train_examples, batches) -> None:
+        pass  # batches are collated step by step
+
+    def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
+        set_lr(self.optimizer, lr)
+        micro = make_micro_batches(examples, self.cfg, self.pad_token_id, self.prec.device)
+        loss = self.step_fn(micro, sum(mb["targets"].numel() for mb in micro))
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, sum(mb["num_tokens"] for mb in micro)
+
+
+def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_token_id: int):
+    """CUDA graphs for full-parameter bf16 steps on CUDA (one micro-batch per step); eager otherwise."""
+    if (prec.device.type == "cuda" and cfg.cuda_graphs != "off" and prec.stochastic_bf16_optimizer
+            and cfg.grad_accum_steps == 1):
+        from .fastpath import CudaGraphStep
+
+        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, batch_loss_sum)
+    return EagerStep(model, optimizer, cfg, prec, pad_token_id)
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -179,8 +214,25 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
                           "pick the newest checkpoint of a run")
     saved = load_config(path / "run_config.json")
     merged = dataclasses.replace(saved, resume_from=str(path), epochs=max(cfg.epochs, saved.epochs),
-                                 max_steps=cfg.max_steps, device=cfg.device, compile=cfg.compile)
+                                 max_steps=cfg.max_steps, device=cfg.device, cuda_graphs=cfg.cuda_graphs)
     return merged, path.parent.parent
+
+
+class _NoWriter:
+    def add_scalar(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def tensorboard_writer(folder: Path):
+    """TensorBoard event files (Loss/train, Loss/val, as the reference wrote); a no-op without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in requirements.txt; a bare GPU box may lack it
+        return _NoWriter()
+    return SummaryWriter(str(folder))
 
 
 def failure_hint(error: BaseException) -> str:
@@ -230,11 +282,9 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     except OSError as e:
         raise ConfigError(f"Cannot write the run folder '{run_dir}' ({e.strerror or e}); "
                           "check that the runs folder is writable and the disk has space") from None
-    step_fn = prec.wrap_step(model, batch_loss_sum)
+    stepper = choose_stepper(model, optimizer, cfg, prec, pad_token_id)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = tensorboard_writer(run_dir / "tb")
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     def log(event) -> None:
@@ -252,7 +302,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     def checkpoint(name: str, final: bool) -> Path:
         nonlocal last_ckpt
         path = save_checkpoint(model, tokenizer, optimizer, state, cfg, run_dir, name,
-                               {**summary, "step": state.step, "epoch": state.epoch})
+                               {**summary, "step": state.step, "epoch": state.epoch},
+                               keep_training_state=cfg.save_resume_state)
         last_ckpt = str(path)
         log(CheckpointSaved(step=state.step, epoch=state.epoch, path=str(path), final=final))
         return path
@@ -264,22 +315,15 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
             window_tokens, window_t0, steps_timed = 0, time.time(), 0
             while state.epoch < cfg.epochs and state.step < num_steps:
                 batches = plan_epoch(lengths, cfg, state.epoch)
-                for batch_idx in batches[state.step_in_epoch:]:
+                stepper.prepare_epoch(train_ex, batches)
+                for batch_no in range(state.step_in_epoch, len(batches)):
                     if stop_event.is_set():
                         raise StopRequested
                     lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    micro = make_micro_batches([train_ex[i] for i in batch_idx], cfg, pad_token_id, device)
-                    label_count = sum(mb["targets"].numel() for mb in micro)
-                    step_loss = step_fn(micro, label_count)  # forward + backward of every micro-batch
-                    if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step_loss, num_tokens = stepper(batch_no, [train_ex[i] for i in batches[batch_no]], lr)
                     state.step += 1
                     state.step_in_epoch += 1
-                    window_tokens += sum(mb["num_tokens"] for mb in micro)
+                    window_tokens += num_tokens
                     pending.append((state.step, lr, step_loss))
                     if len(pending) >= cfg.log_every_steps or state.step_in_epoch == len(batches) or state.step >= num_steps:
                         losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst

@@ -63,7 +63,8 @@ def is_demo(spec: str) -> bool:
     return spec.strip().lower() == DEMO_SPEC
 
 
-def _train_demo_tokenizer(texts: list[str]):
+def train_chat_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE):
+    """A byte-level BPE with Qwen's special tokens and chat template, trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +72,7 @@ def _train_demo_tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=DEMO_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
@@ -95,7 +96,7 @@ def build_demo_model(folder: Path) -> None:
     """Write the demo tokenizer and a seeded random ~1M-parameter Qwen2 into `folder`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = _train_demo_tokenizer(_demo_texts())
+    tokenizer = train_chat_tokenizer(_demo_texts())
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
