@@ -1,4 +1,4 @@
-"""The CUDA fast path: its packed static rows change no loss (CPU), and the graphed engine trains (GPU only)."""
+"""The CUDA fast path: its static padded blocks change no loss (CPU), and the graphed engine trains (GPU only)."""
 
 import dataclasses
 
@@ -8,7 +8,8 @@ import torch
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
 from ruozhi_ui.data import load_source
 from ruozhi_ui.encoding import collate_padded, encode_record
-from ruozhi_ui.fastpath import bucket_length, pack_step
+from ruozhi_ui.encoding import IGNORE_INDEX
+from ruozhi_ui.fastpath import bucket_length, pad_step
 from ruozhi_ui.loss import batch_loss_sum, label_positions
 
 CFG = TrainConfig(model=ModelConfig(spec="demo"), data=DataConfig(source="sample"), lr=1e-3, probe_prompts=(),
@@ -22,24 +23,25 @@ def examples(tokenizer, n):
 
 
 def test_bucket_length_rounds_up_to_the_bucket():
-    assert [bucket_length(n, 128) for n in (1, 128, 129, 1700)] == [128, 128, 256, 1792]
+    assert [bucket_length(n, 16) for n in (1, 16, 17, 214)] == [16, 16, 32, 224]
 
 
-def test_a_packed_padded_static_row_has_the_loss_of_the_padded_batch(tokenizer, demo_model):
+def test_a_right_padded_block_without_attention_mask_has_the_loss_of_the_masked_batch(tokenizer, demo_model):
+    """Causality alone hides right pads from real tokens: the fast path's mask-free block changes no loss."""
     demo_model.eval()
     batch = examples(tokenizer, 5)
-    n = sum(len(e) for e in batch)
-    ids, pos, positions, targets, count = pack_step(batch, tokenizer.pad_token_id, bucket_length(n), max_labels=800)
-    static = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+    length = bucket_length(max(len(e) for e in batch))
+    ids, positions, targets, count = pad_step(batch, tokenizer.pad_token_id, rows=6, length=length, max_labels=900)
+    static = {"input_ids": torch.tensor(ids).view(6, length),
               "positions": torch.tensor(positions), "targets": torch.tensor(targets)}
-    padded = collate_padded(batch, tokenizer.pad_token_id)
+    padded = collate_padded(batch, tokenizer.pad_token_id)  # with its attention mask
     padded["positions"], padded["targets"] = label_positions(padded.pop("labels"))
     with torch.no_grad():
-        packed_loss = batch_loss_sum(demo_model, static) / count
+        static_loss = batch_loss_sum(demo_model, static) / count
         padded_loss = batch_loss_sum(demo_model, padded) / padded["targets"].numel()
     assert count == padded["targets"].numel()
-    assert len(ids) == len(pos) == bucket_length(n) and len(positions) == 800
-    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5
+    assert len(positions) == 900 and targets[count:] == [IGNORE_INDEX] * (900 - count)
+    assert abs(static_loss.item() - padded_loss.item()) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
