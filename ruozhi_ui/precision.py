@@ -72,6 +72,11 @@ def choose_precision(cfg: TrainConfig, device: torch.device) -> Precision:
 def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if prec.stochastic_bf16_optimizer:
+        if prec.device.type == "cuda":
+            from .fastpath import FlatAdamWBF16, flat_optimizer_available
+
+            if flat_optimizer_available():  # one fused kernel instead of thousands of small ones
+                return FlatAdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return AdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fused = prec.device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
