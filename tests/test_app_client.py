@@ -4,28 +4,22 @@ One server per module on 127.0.0.1 and a free port, with the demo model, the
 bundled sample and the real engine capped by max_steps.
 """
 
-import socket
 import time
 
 import pytest
 from gradio_client import Client
 
+from browser_helpers import free_port
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.ui import train_tab
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, demo_dir):
     runner = JobRunner(tmp_path_factory.mktemp("client-runs"))  # the real engine
     demo = build_app(runner=runner)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_KWARGS)
     client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False)
     yield client, runner

@@ -10,7 +10,6 @@ test_large_inputs.py; the README's hardening table maps every case to its test.
 import json
 import os
 import pickle
-import socket
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import app as app_module
 from ruozhi_ui import data, engine
 from ruozhi_ui import generation as g
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig, save_config
+from browser_helpers import free_port
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.ui import compare_tab as ct
 from ruozhi_ui.ui import data_tab, shell, train_tab
@@ -99,18 +99,12 @@ def engine_runner(tmp_path, demo_dir):
     assert runner.wait(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_dir):
     """The whole app on 127.0.0.1 with the shared LAUNCH_KWARGS and the real engine."""
     runner = JobRunner(tmp_path_factory.mktemp("hardening-runs"))
     demo = build_app(runner=runner)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_KWARGS)
     url = f"http://127.0.0.1:{port}/"
     yield SimpleNamespace(demo=demo, runner=runner, url=url,
