@@ -72,6 +72,7 @@ class TrainConfig:
     resume_from: str = ""  # checkpoint folder to continue from ("" = fresh run)
     device: str = "auto"  # "auto", "cpu", "cuda"
     cuda_graphs: str = "auto"  # "auto"/"on": full-parameter steps on CUDA run as replayed CUDA graphs; "off": eager
+    torch_compile: str = "auto"  # "auto": inside those graphs, decoder layers and loss head are compiled; "off"
     save_resume_state: bool = True  # keep optimizer/RNG state (2x the model) with the newest checkpoint for resume
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit; for smoke tests)
 
@@ -109,6 +110,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.method != "lora" or len(cfg.lora_target_modules) > 0, "lora_target_modules must name at least one module"),
         (cfg.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
         (cfg.cuda_graphs in ("auto", "on", "off"), "cuda_graphs must be 'auto', 'on' or 'off'"),
+        (cfg.torch_compile in ("auto", "off"), "torch_compile must be 'auto' or 'off'"),
         (cfg.log_every_steps >= 1, "log_every_steps must be at least 1"),
         (cfg.max_steps >= 0, "max_steps must be 0 (no limit) or more"),
         (bool(cfg.model.spec.strip()), "model spec is empty: give a Hub id, a local folder or 'demo'"),

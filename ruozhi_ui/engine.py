@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,6 +82,8 @@ class EagerStep:
     fastpath.CudaGraphStep has the same shape and replays the whole step as a CUDA graph.
     """
 
+    description = "eager steps"
+
     def __init__(self, model, optimizer, cfg: TrainConfig, prec: Precision, pad_token_id: int):
         self.model, self.optimizer, self.cfg, self.prec, self.pad_token_id = model, optimizer, cfg, prec, pad_token_id
         self.step_fn = prec.wrap_step(model, batch_loss_sum)
@@ -103,9 +106,10 @@ def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_toke
     """CUDA graphs for full-parameter bf16 steps on CUDA (one micro-batch per step); eager otherwise."""
     if (prec.device.type == "cuda" and cfg.cuda_graphs != "off" and prec.stochastic_bf16_optimizer
             and cfg.grad_accum_steps == 1):
-        from .fastpath import CudaGraphStep
+        from .fastpath import CudaGraphStep, compile_available
 
-        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, batch_loss_sum)
+        compile_regions = cfg.torch_compile == "auto" and compile_available()
+        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, compile_regions)
     return EagerStep(model, optimizer, cfg, prec, pad_token_id)
 
 
@@ -127,7 +131,7 @@ def estimate_val_loss(model, examples, cfg: TrainConfig, pad_token_id: int, devi
         group = [examples[i] for i in order[start:start + cfg.batch_size]]
         for mb in make_micro_batches(group, dataclasses.replace(cfg, grad_accum_steps=1), pad_token_id, device):
             with prec.autocast():
-                total += batch_loss_sum(model, mb)
+                total += batch_loss_sum(model, mb, chunk_size=512)  # ~0.8 GB of fp32 logits at a time
             count += mb["targets"].numel()
     model.train(was_training)
     return (total / max(count, 1)).item()
@@ -149,24 +153,49 @@ def generate_probes(model, tokenizer, cfg: TrainConfig, device) -> tuple[tuple[s
     return tuple(answers)
 
 
-def save_checkpoint(model, tokenizer, optimizer, state: TrainState, cfg: TrainConfig, run_dir: Path,
-                    name: str, metrics: dict, keep_training_state: bool = True) -> Path:
-    """Write a loadable checkpoint folder atomically (temp folder, then rename)."""
+def training_state_blob(optimizer, state: TrainState) -> dict:
+    """What resuming needs besides the weights: optimizer moments, position in the data, RNGs."""
+    return {
+        "state": dataclasses.asdict(state),
+        "optimizer": optimizer.state_dict(),
+        "rng_torch": torch.random.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": random.getstate(),
+    }
+
+
+def cpu_snapshot(obj, memo: dict | None = None):
+    """A CPU copy of every tensor in nested dicts/lists/tuples; tensors shared before (tied weights) stay shared."""
+    memo = {} if memo is None else memo
+    if torch.is_tensor(obj):
+        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.device)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v, memo) for v in obj)
+    return obj
+
+
+def save_checkpoint(model, tokenizer, cfg: TrainConfig, run_dir: Path, name: str, metrics: dict,
+                    weights: dict | None = None, training_blob: dict | None = None) -> Path:
+    """Write a loadable checkpoint folder atomically (temp folder, then rename).
+
+    `weights` is a state dict to write instead of the model's live one (a snapshot
+    taken for a background save); `training_blob` (see training_state_blob) makes
+    the checkpoint resumable.
+    """
     final_path = run_dir / "checkpoints" / name
     tmp = ckpt.begin_checkpoint(final_path)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
         save_config(cfg, tmp / "run_config.json")
         (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
-        if keep_training_state:
-            torch.save({
-                "state": dataclasses.asdict(state),
-                "optimizer": optimizer.state_dict(),
-                "rng_torch": torch.random.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "rng_python": random.getstate(),
-            }, tmp / ckpt.TRAINING_STATE)
+        if training_blob is not None:
+            torch.save(training_blob, tmp / ckpt.TRAINING_STATE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must never look like a checkpoint
         raise
@@ -176,6 +205,49 @@ def save_checkpoint(model, tokenizer, optimizer, state: TrainState, cfg: TrainCo
         if other != path and (other / ckpt.TRAINING_STATE).exists():
             (other / ckpt.TRAINING_STATE).unlink()
     return path
+
+
+def saves_in_background(device: torch.device, cfg: TrainConfig) -> bool:
+    """Full-parameter GPU runs write epoch checkpoints on a thread; on the CPU (slow steps anyway)
+    and for LoRA (small adapters) a plain synchronous save is simpler."""
+    return device.type == "cuda" and cfg.method == "full"
+
+
+class BackgroundSaver:
+    """Writes one checkpoint at a time on a thread while training goes on.
+
+    Writing a 0.5B model takes about a second, mostly file I/O that releases the
+    GIL, so the GPU keeps stepping meanwhile. The caller hands over a CPU snapshot,
+    so later steps cannot change what is written. Finished saves are handed back
+    on the training thread by `finished()`, which also re-raises a failed save.
+    """
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.outcome: tuple = ()
+
+    def submit(self, write: Callable[[], Path], *info) -> list[tuple]:
+        """Start `write` after any previous save; returns that previous save's (path, *info), if any."""
+        done = self.finished(block=True)
+
+        def run() -> None:
+            try:
+                self.outcome = (write(), *info)
+            except BaseException as e:  # handed to the training thread
+                self.outcome = (e, *info)
+
+        self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+        return done
+
+    def finished(self, block: bool = False) -> list[tuple]:
+        if self.thread is None or (self.thread.is_alive() and not block):
+            return []
+        self.thread.join()
+        self.thread = None
+        if isinstance(self.outcome[0], BaseException):
+            raise self.outcome[0]
+        return [self.outcome]
 
 
 def restore_training_state(path: Path, optimizer) -> TrainState:
@@ -214,7 +286,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
                           "pick the newest checkpoint of a run")
     saved = load_config(path / "run_config.json")
     merged = dataclasses.replace(saved, resume_from=str(path), epochs=max(cfg.epochs, saved.epochs),
-                                 max_steps=cfg.max_steps, device=cfg.device, cuda_graphs=cfg.cuda_graphs)
+                                 max_steps=cfg.max_steps, device=cfg.device, cuda_graphs=cfg.cuda_graphs,
+                                 torch_compile=cfg.torch_compile)
     return merged, path.parent.parent
 
 
@@ -295,17 +368,29 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     trained, total = count_trainable(model)
     log(RunStarted(run_dir=str(run_dir), num_steps=num_steps, steps_per_epoch=steps_per_epoch, num_train=len(train_ex),
                    num_val=len(val_ex), params_trained=trained, params_total=total, device=prec.device_name,
-                   precision=prec.description, start_step=state.step))
+                   precision=f"{prec.description}; {stepper.description}", start_step=state.step))
     summary = {"val_loss": [], "train_loss_last": None}
     last_ckpt = ""
+    saver = BackgroundSaver() if saves_in_background(device, cfg) else None
 
-    def checkpoint(name: str, final: bool) -> Path:
+    def saved(path: Path, step: int, epoch: int, final: bool = False) -> None:
         nonlocal last_ckpt
-        path = save_checkpoint(model, tokenizer, optimizer, state, cfg, run_dir, name,
-                               {**summary, "step": state.step, "epoch": state.epoch},
-                               keep_training_state=cfg.save_resume_state)
         last_ckpt = str(path)
-        log(CheckpointSaved(step=state.step, epoch=state.epoch, path=str(path), final=final))
+        log(CheckpointSaved(step=step, epoch=epoch, path=str(path), final=final))
+
+    def checkpoint(name: str, final: bool) -> Path | None:
+        metrics = {**summary, "step": state.step, "epoch": state.epoch}
+        blob = training_state_blob(optimizer, state) if cfg.save_resume_state else None
+        if saver and not final:
+            weights, blob = cpu_snapshot(model.state_dict()), cpu_snapshot(blob)
+            write = lambda: save_checkpoint(model, tokenizer, cfg, run_dir, name, metrics, weights, blob)
+            for done in saver.submit(write, state.step, state.epoch):
+                saved(*done)
+            return None
+        for done in saver.finished(block=True) if saver else ():
+            saved(*done)
+        path = save_checkpoint(model, tokenizer, cfg, run_dir, name, metrics, training_blob=blob)
+        saved(path, state.step, state.epoch, final=final)
         return path
 
     # ---- loop --------------------------------------------------------------------------
@@ -339,6 +424,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
                                            tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
                                            mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
                         summary["train_loss_last"] = losses[-1]
+                        for done in saver.finished() if saver else ():
+                            saved(*done)
                         pending, window_tokens, window_t0 = [], 0, now
                     if state.step >= num_steps:
                         break
@@ -371,6 +458,11 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
             final = checkpoint("final", final=True)
             status = "stopped"
     except Exception as e:  # reported to the UI; the process keeps serving
+        try:
+            for done in saver.finished(block=True) if saver else ():
+                saved(*done)
+        except Exception:
+            pass  # the training failure is the one to report
         log(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
                       last_checkpoint=last_ckpt))
         writer.close()

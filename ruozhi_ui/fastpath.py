@@ -6,20 +6,29 @@ So the whole step (zero grads, forward, label-only loss, backward, clip, the
 AdamWBF16 update) is captured once per length bucket and then replayed. A graph
 needs static shapes: each step's length-grouped examples are right-padded to the
 next multiple of `BUCKET` (a short last batch gets all-pad rows), and the label
-positions are padded to a fixed count with ignored targets. Right padding needs no
-attention mask, which lets SDPA use its flash kernel (`use_causal_only_attention`).
-An epoch's blocks are built on the CPU once and copied to the GPU in one transfer.
-The LM head's loss and gradients are computed together a chunk at a time
-(`head_loss_and_grads`), and the optimizer is one fused Triton kernel over flat
-weight/grad/moment buffers (`FlatAdamWBF16`). Only the engine uses this, and only
-on CUDA; the CPU path never imports it.
+positions are padded to a per-bucket count with ignored targets. Right padding
+needs no attention mask, which lets SDPA use its flash kernel
+(`use_causal_only_attention`). An epoch's blocks are built on the CPU once and
+copied to the GPU in one transfer.
+
+Inside the graph, the decoder layer's forward is one `torch.compile` region shared
+by all 24 layers and dynamic in length (one compile, cached on disk for the next
+run), and the LM head's loss and gradients are computed together a chunk at a time
+by a second small compiled function (`head_loss_and_grads`): fused kernels instead
+of dozens of small ones, and fewer saved activations. Blocks longer than
+`TOKEN_BUDGET` tokens run as two halves within the step, which bounds the peak
+memory. The optimizer is one fused Triton kernel over flat weight/grad/moment
+buffers (`FlatAdamWBF16`). Only the engine uses this, and only on CUDA; the CPU
+path never imports it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace as dataclass_replace
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +38,31 @@ from .loss import decoder_and_head
 from .precision import AdamWBF16
 
 BUCKET = 16  # padded row lengths are rounded up to this: a dozen graphs, little padding
-LOSS_CHUNK = 256  # label positions per LM-head chunk: 256 x 151,936 fp32 logits are 0.16 GB
+LOSS_CHUNK = 512  # label positions per LM-head chunk: 512 x 151,936 logits are 0.16 GB in bf16
+TOKEN_BUDGET = 2112  # rows x length per forward/backward; longer blocks are split (peak activation memory)
+ACTIVATION_MEMORY_BUDGET = 0.7  # share of the layer's activations to keep; cheap ops are recomputed in backward
 CAUSAL_ONLY = "ruozhi_causal_sdpa"  # attention implementation name registered below
 
 
 def bucket_length(num_tokens: int, bucket: int = BUCKET) -> int:
     return -(-num_tokens // bucket) * bucket
+
+
+def use_persistent_compile_cache() -> None:
+    """Keep Triton and torch.compile artefacts under the app's cache, so a second run starts warm."""
+    from .models import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
+
+
+def compile_available() -> bool:
+    """torch.compile's GPU backend generates Triton kernels; without Triton everything stays eager."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def use_causal_only_attention(model) -> None:
@@ -54,59 +82,136 @@ def use_causal_only_attention(model) -> None:
     model.set_attn_implementation(CAUSAL_ONLY)
 
 
+def head_chunk_loss_and_dlogits(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                                scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of one chunk of positions, and scale * dLoss/dLogits in h's dtype.
+
+    Written as plain tensor algebra for torch.compile, which fuses it into a
+    reduction and one pass over the logits; eagerly it holds a few fp32 chunks.
+    Targets of IGNORE_INDEX (bucket padding) add neither loss nor gradient.
+    """
+    logits = F.linear(h, weight).float()  # (c, V), fp32 for a stable softmax
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (c, 1)
+    valid = (y != IGNORE_INDEX).unsqueeze(1)  # (c, 1)
+    target_logit = logits.gather(1, y.clamp(min=0).unsqueeze(1))
+    loss = ((lse - target_logit) * valid).sum()
+    is_target = torch.arange(logits.shape[1], device=logits.device) == y.unsqueeze(1)  # one-hot, (c, V)
+    d_logits = ((logits - lse).exp() - is_target.float()) * (valid * scale)  # softmax - one_hot
+    return loss, d_logits.to(h.dtype)
+
+
 @torch.no_grad()
 def head_loss_and_grads(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                        grad_weight: torch.Tensor, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                        grad_weight: torch.Tensor, chunk: int | None = None,
+                        chunk_fn=head_chunk_loss_and_dlogits) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of `hidden @ weight.T` at `targets`, with its gradients computed now.
 
     Adds scale * dLoss/dWeight into `grad_weight` and returns (loss sum, scale *
     dLoss/dHidden); the caller backpropagates the latter through the decoder.
     Doing the head's backward inside its forward means only one chunk of logits
-    ever exists and nothing of it is kept for later. Targets of IGNORE_INDEX
-    (bucket padding) add neither loss nor gradient.
+    ever exists and nothing of it is kept for later.
     """
+    chunk = chunk or LOSS_CHUNK
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden)
     for start in range(0, hidden.shape[0], chunk):
-        h, y = hidden[start:start + chunk], targets[start:start + chunk]
-        logits = F.linear(h, weight).float()  # (c, V), fp32 for a stable softmax
-        valid = (y != IGNORE_INDEX).unsqueeze(1)  # (c, 1)
-        y_safe = y.clamp(min=0).unsqueeze(1)
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (c, 1)
-        total += ((lse - logits.gather(1, y_safe)) * valid).sum()
-        probs = logits.sub_(lse).exp_()  # softmax, in place
-        probs.scatter_add_(1, y_safe, -valid.to(probs.dtype))  # softmax - one_hot
-        probs.mul_(valid * scale)
-        d_logits = probs.to(hidden.dtype)
-        grad_hidden[start:start + chunk] = d_logits @ weight
+        h = hidden[start:start + chunk]
+        loss, d_logits = chunk_fn(h, targets[start:start + chunk], weight, scale)
+        total += loss
+        torch.mm(d_logits, weight, out=grad_hidden[start:start + chunk])
         grad_weight.addmm_(d_logits.t(), h)
     return total, grad_hidden
 
 
-def step_loss_and_backward(model, static: dict, label_count: torch.Tensor) -> torch.Tensor:
-    """Forward, label-only loss and backward of one static block; returns the step's mean loss.
+def step_loss_and_backward(model, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                           scale: torch.Tensor, chunk_fn=head_chunk_loss_and_dlogits) -> torch.Tensor:
+    """Forward, label-only loss and backward of one right-padded block; returns its loss sum times `scale`.
 
     Gradients accumulate into the parameters' .grad, which must exist (the head's
     weight gradient is added there directly).
     """
     decoder, lm_head = decoder_and_head(model)
-    out = decoder(input_ids=static["input_ids"], use_cache=False)
+    out = decoder(input_ids=input_ids, use_cache=False)
     hidden = out.last_hidden_state[:, :-1]  # (rows, length-1, H)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, static["positions"])  # (max_labels, H)
-    scale = 1.0 / label_count
-    loss_sum, grad_hidden = head_loss_and_grads(hidden.detach(), static["targets"], lm_head.weight, scale,
-                                                lm_head.weight.grad)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (label slots, H)
+    loss_sum, grad_hidden = head_loss_and_grads(hidden.detach(), targets, lm_head.weight, scale,
+                                                lm_head.weight.grad, chunk_fn=chunk_fn)
     hidden.backward(grad_hidden)
     return loss_sum * scale
 
 
+class CompiledRegions:
+    """The decoder layer's forward and the head chunk, each compiled once and reused everywhere.
+
+    One compiled layer forward serves all layers (their weights are inputs, not
+    constants) and every bucket (rows and length are dynamic), so a run compiles it once; the
+    FX graph cache under `use_persistent_compile_cache` makes the next run load it.
+    The layers use it only inside `active()`: validation and probe generation run
+    the plain forward, so they trigger no extra inference compiles.
+    """
+
+    def __init__(self, model, backend: str = "inductor"):
+        use_persistent_compile_cache()
+        decoder, _ = decoder_and_head(model)
+        self.layers = list(decoder.layers)
+        self.compiled_forward = torch.compile(type(self.layers[0]).forward, backend=backend)
+        self.head_chunk = torch.compile(head_chunk_loss_and_dlogits, dynamic=False, backend=backend)
+
+    def layer_forward(self, layer, hidden_states, *args, position_ids=None, position_embeddings=None, **kwargs):
+        """Rows and length are symbolic from the first compile (`dynamic=True` would also make the
+        hidden size symbolic, then specialise it and trace everything twice)."""
+        for tensor, dims in ((hidden_states, (0, 1)), (position_ids, (1,)), *((t, (1,)) for t in position_embeddings)):
+            if tensor is not None:
+                torch._dynamo.mark_dynamic(tensor, dims)
+        return self.compiled_forward(layer, hidden_states, *args, position_ids=position_ids,
+                                     position_embeddings=position_embeddings, **kwargs)
+
+    @contextmanager
+    def active(self):
+        from torch.fx.experimental import _config as shape_config
+
+        for layer in self.layers:
+            layer.forward = functools.partial(self.layer_forward, layer)
+        try:
+            # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
+            # is not merged with it, which would pin the compiled graph to that length.
+            with shape_config.patch(use_duck_shape=False), \
+                    torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET):
+                yield
+        finally:
+            for layer in self.layers:
+                del layer.forward  # back to the class's plain forward
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a captured graph is specialised to."""
+    length: int  # padded row length (the bucket)
+    micro_rows: int  # rows per forward/backward
+    micro_batches: int  # forward/backwards in the step (more than one for long blocks)
+    label_slots: int  # label positions per micro-batch, padded with ignored targets
+
+
 @dataclass(frozen=True)
 class PaddedStep:
-    length: int  # padded row length (the bucket)
-    offset: int  # where this step's (batch_size x length) block starts in the epoch's flat token buffer
+    shape: BlockShape
+    offset: int  # where this step's block starts in the epoch's flat token buffer
     label_offset: int  # where its label positions start in the flat label buffers
     label_count: int  # real label tokens: the step's loss divides by this
     num_tokens: int  # real (non-pad) tokens, for tokens/s
+
+
+def block_shape(rows: int, length: int, min_prompt: int, max_labels_per_row: int) -> BlockShape:
+    """Split rows so a forward holds at most TOKEN_BUDGET tokens; size label slots for the worst case.
+
+    A row of padded length L has at most min(L - min_prompt, max_labels_per_row)
+    labels, where min_prompt is the fewest unlabelled tokens any example has; the
+    slot count is rounded up to whole LM-head chunks so the head compiles once.
+    """
+    micro_batches = -(-rows // max(1, min(rows, TOKEN_BUDGET // length)))
+    micro_rows = -(-rows // micro_batches)  # balanced: 12 rows of 224 run as 2 x 6, not 8 + 4
+    worst = micro_rows * max(1, min(length - min_prompt, max_labels_per_row))
+    return BlockShape(length, micro_rows, micro_batches, -(-worst // LOSS_CHUNK) * LOSS_CHUNK)
 
 
 def pad_step(examples, pad_token_id: int, rows: int, length: int, max_labels: int):
@@ -132,77 +237,110 @@ def pad_step(examples, pad_token_id: int, rows: int, length: int, max_labels: in
     return ids, positions, targets, count
 
 
-class CudaGraphStep:
-    """Callable like the engine's EagerStep: (batch_no, examples, lr) -> (loss tensor, tokens)."""
+def label_count(example) -> int:
+    return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
 
-    def __init__(self, model, optimizer, cfg, pad_token_id: int, device: torch.device, loss_sum_fn):
+
+class CudaGraphStep:
+    """Callable like the engine's EagerStep: (batch_no, examples, lr) -> (loss tensor, tokens).
+
+    The first step of a block shape runs eagerly (it triggers any compile and lazy
+    CUDA set-up, outside a capture, and is a real step, not a throwaway warm-up);
+    the second captures the step into a graph, and every later one replays it.
+    """
+
+    def __init__(self, model, optimizer, cfg, pad_token_id: int, device: torch.device, compile_regions: bool):
         from .precision import set_lr
 
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.pad_token_id, self.device, self.set_lr = pad_token_id, device, set_lr
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.max_labels = cfg.batch_size * (cfg.data.max_target_length + 1)  # the most a step can have
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.max_labels_per_row = cfg.data.max_target_length + 1  # answer tokens and the end-of-turn token
+        self.min_prompt: int | None = None  # set from the training set on the first epoch
+        self.graphs: dict[BlockShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.statics: dict[BlockShape, dict[str, torch.Tensor]] = {}
+        self.shapes_run_eagerly: set[BlockShape] = set()
         self.pool = None  # one memory pool shared by every bucket's graph
         self.plan: list[PaddedStep] = []
         use_causal_only_attention(model)
+        self.regions = CompiledRegions(model) if compile_regions else None
+        self.description = "CUDA graphs" + (" + torch.compile (the first steps compile)" if compile_regions else "")
 
     def prepare_epoch(self, train_examples, batches: list[list[int]]) -> None:
         """Pad every step of the epoch to its bucket and put the result on the GPU in one copy."""
+        if self.min_prompt is None:  # fixed for the whole run, so a bucket's shape never changes
+            self.min_prompt = min(len(e) - label_count(e) for e in train_examples)
         rows = self.cfg.batch_size
         ids, positions, targets, plan = [], [], [], []
         for batch in batches:
             examples = [train_examples[i] for i in batch]
-            length = bucket_length(max(len(e) for e in examples))
-            block = pad_step(examples, self.pad_token_id, rows, length, self.max_labels)
-            plan.append(PaddedStep(length, len(ids), len(positions), block[3], sum(len(e) for e in examples)))
-            ids += block[0]
-            positions += block[1]
-            targets += block[2]
-        as_gpu = lambda xs: torch.tensor(xs, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-        self.ids, self.positions, self.targets = map(as_gpu, (ids, positions, targets))
+            shape = block_shape(rows, bucket_length(max(len(e) for e in examples)), self.min_prompt,
+                                self.max_labels_per_row)
+            step = PaddedStep(shape, len(ids), len(positions), 0, sum(len(e) for e in examples))
+            count = 0
+            for k in range(shape.micro_batches):
+                part = examples[k * shape.micro_rows:(k + 1) * shape.micro_rows]
+                block = pad_step(part, self.pad_token_id, shape.micro_rows, shape.length, shape.label_slots)
+                ids += block[0]
+                positions += block[1]
+                targets += block[2]
+                count += block[3]
+            plan.append(dataclass_replace(step, label_count=count))
+        pinned = self.device.type == "cuda"
+        as_device = lambda xs: torch.tensor(xs, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+        self.ids, self.positions, self.targets = map(as_device, (ids, positions, targets))
         self.plan = plan
 
-    def _capture(self, length: int):
-        """Warm up eagerly on a side stream (lazy inits stay out of the graph), then capture one step."""
-        dev = self.device
-        static = {
-            "input_ids": torch.full((self.cfg.batch_size, length), self.pad_token_id, dtype=torch.long, device=dev),
-            "positions": torch.zeros(self.max_labels, dtype=torch.long, device=dev),
-            "targets": torch.full((self.max_labels,), IGNORE_INDEX, dtype=torch.long, device=dev),
-        }
-        label_count = torch.ones((), device=dev)
-        for p in self.params:  # grads must exist (not None) before capture: the graph writes into them
+    def _static(self, shape: BlockShape) -> dict[str, torch.Tensor]:
+        """The fixed-address input buffers a shape's graph reads; refilled before each replay."""
+        if shape not in self.statics:
+            dev, n = self.device, shape.micro_batches
+            self.statics[shape] = {
+                "input_ids": torch.empty((n * shape.micro_rows, shape.length), dtype=torch.long, device=dev),
+                "positions": torch.empty((n, shape.label_slots), dtype=torch.long, device=dev),
+                "targets": torch.empty((n, shape.label_slots), dtype=torch.long, device=dev),
+                "scale": torch.ones((), device=dev),
+            }
+        return self.statics[shape]
+
+    def _step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimiser step on the static buffers: run eagerly, or recorded while capturing."""
+        for p in self.params:  # grads must exist (not None): the head's gradient is added in place
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # every target is ignored: the grads stay zero, the weights untouched
-                step_loss_and_backward(self.model, static, label_count)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            torch._foreach_zero_([p.grad for p in self.params])
-            loss = step_loss_and_backward(self.model, static, label_count)
-            if self.cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
-            self.optimizer.step()
-        self.pool = graph.pool()
-        static["label_count"] = label_count
-        self.graphs[length] = (graph, static, loss)
+        torch._foreach_zero_([p.grad for p in self.params])
+        chunk_fn = self.regions.head_chunk if self.regions else head_chunk_loss_and_dlogits
+        loss = torch.zeros((), device=self.device)
+        with self.regions.active() if self.regions else nullcontext():
+            for k in range(shape.micro_batches):
+                rows = static["input_ids"][k * shape.micro_rows:(k + 1) * shape.micro_rows]
+                loss += step_loss_and_backward(self.model, rows, static["positions"][k], static["targets"][k],
+                                               static["scale"], chunk_fn)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss
 
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
         step = self.plan[batch_no]
-        if step.length not in self.graphs:
-            self._capture(step.length)
-        graph, static, loss = self.graphs[step.length]
-        block = self.cfg.batch_size * step.length
+        shape = step.shape
+        static = self._static(shape)
+        block, slots = shape.micro_batches * shape.micro_rows * shape.length, shape.micro_batches * shape.label_slots
         static["input_ids"].view(-1).copy_(self.ids[step.offset:step.offset + block])
-        static["positions"].copy_(self.positions[step.label_offset:step.label_offset + self.max_labels])
-        static["targets"].copy_(self.targets[step.label_offset:step.label_offset + self.max_labels])
-        static["label_count"].fill_(step.label_count)
+        static["positions"].view(-1).copy_(self.positions[step.label_offset:step.label_offset + slots])
+        static["targets"].view(-1).copy_(self.targets[step.label_offset:step.label_offset + slots])
+        static["scale"].fill_(1.0 / step.label_count)
         self.set_lr(self.optimizer, lr)
+        if shape not in self.shapes_run_eagerly:
+            self.shapes_run_eagerly.add(shape)
+            return self._step(shape, static).detach(), step.num_tokens
+        if shape not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # a checkpoint may be writing
+                loss = self._step(shape, static)
+            self.pool = graph.pool()
+            self.graphs[shape] = (graph, loss)
+        graph, loss = self.graphs[shape]
         graph.replay()
         return loss.detach().clone(), step.num_tokens
 
@@ -218,7 +356,7 @@ class FlatAdamWBF16(AdamWBF16):
     (element, step). zero_grad zeroes in place: the grads keep their addresses.
     """
 
-    BLOCK = 4096
+    BLOCK = 1024  # with 8 warps: 2.7 ms a step for 494M weights on an H200, vs 4.1 ms at 4096 x 4
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         params = list(params)
@@ -265,21 +403,13 @@ class FlatAdamWBF16(AdamWBF16):
         n = p.numel()
         _adamw_kernel()[(-(-n // self.BLOCK),)](
             p, g, m, v, self.lr_t, step, n, beta1, beta2, math.log2(beta1), math.log2(beta2), group["eps"],
-            group["weight_decay"], BLOCK=self.BLOCK)
+            group["weight_decay"], BLOCK=self.BLOCK, num_warps=8)
 
     @torch.no_grad()
     def step(self, closure=None):
         self.step_t += 1
         self._launch(self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq, self.step_t)
         return None
-
-
-def flat_optimizer_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _KERNEL: list = []
@@ -289,9 +419,7 @@ def _adamw_kernel():
     """The fused AdamW + stochastic rounding kernel, defined on first use (Triton caches its binary)."""
     if _KERNEL:
         return _KERNEL[0]
-    from .models import cache_root
-
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
+    use_persistent_compile_cache()
     import triton
     import triton.language as tl
 

@@ -73,9 +73,9 @@ def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     if prec.stochastic_bf16_optimizer:
         if prec.device.type == "cuda":
-            from .fastpath import FlatAdamWBF16, flat_optimizer_available
+            from .fastpath import FlatAdamWBF16, compile_available
 
-            if flat_optimizer_available():  # one fused kernel instead of thousands of small ones
+            if compile_available():  # one fused kernel instead of thousands of small ones
                 return FlatAdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return AdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fused = prec.device.type == "cuda"

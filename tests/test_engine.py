@@ -117,6 +117,49 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert got == pytest.approx(expected, abs=1e-4)
 
 
+def test_background_epoch_checkpoints_hold_the_weights_of_their_epoch_and_resume(tmp_path, monkeypatch):
+    """Epoch saves written on a thread (the GPU path) are complete, in order, tied weights intact, resumable."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(engine, "saves_in_background", lambda device, cfg: True)
+    snapshots = {}
+    real_snapshot = engine.cpu_snapshot
+
+    def remember(obj, memo=None):
+        copy = real_snapshot(obj, memo)
+        if isinstance(copy, dict) and "lm_head.weight" in copy:
+            snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in copy.items()}
+        return copy
+
+    monkeypatch.setattr(engine, "cpu_snapshot", remember)
+    cfg = dataclasses.replace(BASE, epochs=3, probe_prompts=())
+    final, sink = run(cfg, tmp_path)
+    saves = sink.of(CheckpointSaved)
+    assert [(e.epoch, e.final) for e in saves] == [(1, False), (2, False), (3, True)]
+    for epoch in (1, 2):
+        written = load_file(final.parent / f"epoch-{epoch}" / "model.safetensors")
+        assert torch.equal(written["model.embed_tokens.weight"], snapshots[epoch]["model.embed_tokens.weight"])
+        assert "lm_head.weight" not in written  # still tied, stored once
+    assert not (final.parent / "epoch-1" / "training_state.pt").exists()  # only the newest keeps it
+    _, resumed = run(dataclasses.replace(cfg, epochs=4, resume_from=str(final)), tmp_path)
+    assert resumed.of(JobFinished)[0].status == "finished"
+
+
+def test_a_failed_background_save_fails_the_run_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "saves_in_background", lambda device, cfg: True)
+    real_save = engine.save_checkpoint
+
+    def disk_full(*args, **kwargs):
+        if args[4] == "epoch-1":
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", disk_full)
+    _, sink = run(dataclasses.replace(BASE, epochs=2, probe_prompts=()), tmp_path)
+    failed = sink.of(JobFailed)
+    assert failed and "No space left" in failed[0].error and "disk" in failed[0].hint
+
+
 def test_lora_adapter_loads_with_peft_and_merged_model_with_transformers(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
