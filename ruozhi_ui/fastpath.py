@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace as dataclass_replace
 
@@ -232,6 +233,8 @@ def pad_step(examples, pad_token_id: int, rows: int, length: int, max_labels: in
                     positions.append(r * (length - 1) + t)
                     targets.append(e.labels[t + 1])
     count = len(positions)
+    if count > max_labels:  # block_shape's bound is wrong for this data: never write past the slots
+        raise ValueError(f"{count} label positions do not fit the block's {max_labels} slots")
     positions += [0] * (max_labels - count)
     targets += [IGNORE_INDEX] * (max_labels - count)
     return ids, positions, targets, count
@@ -321,6 +324,22 @@ class CudaGraphStep:
         self.optimizer.step()
         return loss
 
+    def _first_step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A shape's first step, where compiling happens. If compiling fails (no C compiler for Triton,
+        a model it cannot trace), the run goes on without it: the step has not updated anything yet."""
+        try:
+            return self._step(shape, static)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self.regions is None:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training without it",
+                          stacklevel=2)
+            self.regions = None
+            self.description = "CUDA graphs (torch.compile failed, so not used)"
+            return self._step(shape, static)
+
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
         step = self.plan[batch_no]
         shape = step.shape
@@ -333,7 +352,7 @@ class CudaGraphStep:
         self.set_lr(self.optimizer, lr)
         if shape not in self.shapes_run_eagerly:
             self.shapes_run_eagerly.add(shape)
-            return self._step(shape, static).detach(), step.num_tokens
+            return self._first_step(shape, static).detach(), step.num_tokens
         if shape not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # a checkpoint may be writing

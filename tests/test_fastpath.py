@@ -108,27 +108,34 @@ def test_long_blocks_split_into_micro_batches_and_label_slots_cover_the_worst_ca
     assert short.label_slots >= 12 * (144 - 20) and long.label_slots >= 6 * 152
 
 
-def test_first_step_of_each_block_shape_runs_eagerly_and_equals_the_plain_step(tokenizer, demo_dir, monkeypatch):
-    """The graph stepper's padded, split blocks train exactly like the plain step (fp32, CPU: no capture)."""
+def plain_and_graph_steppers(tokenizer, compile_regions: bool):
+    """Two identical fp32 demo models on the CPU: one under EagerStep, one under CudaGraphStep."""
     from ruozhi_ui import fastpath
     from ruozhi_ui.engine import EagerStep, plan_epoch
     from ruozhi_ui.models import load_model
     from ruozhi_ui.precision import choose_precision
 
-    monkeypatch.setattr(fastpath, "TOKEN_BUDGET", 480)  # the demo's longer blocks split in two
     cfg = dataclasses.replace(CFG, batch_size=4, max_grad_norm=1.0)
     train_ex = examples(tokenizer, 40)
     batches = plan_epoch([len(e) for e in train_ex], cfg, 0)
-    prec = choose_precision(cfg, torch.device("cpu"))
     models, optimizers = [], []
     for _ in range(2):
         torch.manual_seed(0)
         models.append(load_model("demo", device=torch.device("cpu"), dtype=torch.float32))
         optimizers.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-3))
-    plain = EagerStep(models[0], optimizers[0], cfg, prec, tokenizer.pad_token_id)
+    plain = EagerStep(models[0], optimizers[0], cfg, choose_precision(cfg, torch.device("cpu")), tokenizer.pad_token_id)
     graphed = fastpath.CudaGraphStep(models[1], optimizers[1], cfg, tokenizer.pad_token_id, torch.device("cpu"),
-                                     compile_regions=False)
+                                     compile_regions=compile_regions)
     graphed.prepare_epoch(train_ex, batches)
+    return plain, graphed, models, train_ex, batches
+
+
+def test_first_step_of_each_block_shape_runs_eagerly_and_equals_the_plain_step(tokenizer, demo_dir, monkeypatch):
+    """The graph stepper's padded, split blocks train exactly like the plain step (fp32, CPU: no capture)."""
+    from ruozhi_ui import fastpath
+
+    monkeypatch.setattr(fastpath, "TOKEN_BUDGET", 480)  # the demo's longer blocks split in two
+    plain, graphed, models, train_ex, batches = plain_and_graph_steppers(tokenizer, compile_regions=False)
     firsts, seen = [], set()
     for i, step in enumerate(graphed.plan):
         if step.shape not in seen:  # only first steps of a shape: a repeat would capture a CUDA graph
@@ -163,3 +170,26 @@ def test_compiled_layer_forward_is_shared_by_every_layer_and_length_and_only_whi
         assert torch.allclose(plain, compiled, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     assert all("forward" not in vars(layer) for layer in demo_model.model.layers)
+
+
+def test_a_failing_compile_falls_back_to_the_plain_forward_within_the_same_step(tokenizer, demo_dir):
+    plain, graphed, models, train_ex, batches = plain_and_graph_steppers(tokenizer, compile_regions=True)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("simulated: Failed to find C compiler")
+
+    graphed.regions.compiled_forward = no_compiler
+    batch = [train_ex[j] for j in batches[0]]
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        graph_loss, _ = graphed(0, batch, 1e-3)
+    plain_loss, _ = plain(0, batch, 1e-3)
+    assert graphed.regions is None and "not used" in graphed.description
+    assert graph_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pad_step_refuses_more_labels_than_slots(tokenizer):
+    batch = examples(tokenizer, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_step(batch, tokenizer.pad_token_id, rows=2, length=bucket_length(max(len(e) for e in batch)), max_labels=3)

@@ -41,3 +41,30 @@ def test_cuda_graph_and_eager_cuda_steps_learn_alike(tmp_path):
     eager, _ = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20, cuda_graphs="off"), tmp_path / "off")
     assert graphed[0] == pytest.approx(eager[0], rel=1e-2)
     assert graphed[-1] == pytest.approx(eager[-1], rel=5e-2)
+
+
+def test_compiled_and_uncompiled_graph_steps_learn_alike(tmp_path):
+    compiled, sink = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20), tmp_path / "auto")
+    plain, _ = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20, torch_compile="off"), tmp_path / "off")
+    assert "torch.compile" in sink.of(RunStarted)[0].precision
+    assert compiled[0] == pytest.approx(plain[0], rel=1e-2)
+    assert compiled[-1] == pytest.approx(plain[-1], rel=5e-2)
+
+
+def test_app_jobs_train_on_cuda_in_their_thread_twice_with_background_epoch_checkpoints(tmp_path):
+    """As the app runs it: train() in a job thread (compile, capture, background saves, probes), then again."""
+    from transformers import AutoModelForCausalLM
+
+    from ruozhi_ui.jobs import JobRunner
+
+    runner = JobRunner(runs_root=tmp_path)
+    cfg = dataclasses.replace(CFG, device="cuda", epochs=2, save_every_epoch=True, save_resume_state=True,
+                              probe_prompts=("你好",), probe_max_new_tokens=4)
+    for name in ("first", "second"):
+        runner.start(dataclasses.replace(cfg, run_name=name))
+        assert runner.wait(timeout=600)
+        snap = runner.snapshot()
+        assert snap.status == "finished", snap.error
+        assert [(c.epoch, c.final) for c in snap.checkpoints] == [(1, False), (2, True)]
+        assert snap.samples and snap.steps[-1].loss < snap.steps[0].loss
+        AutoModelForCausalLM.from_pretrained(snap.checkpoints[0].path)
