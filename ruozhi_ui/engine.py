@@ -397,6 +397,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     try:
         try:
             pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
+            log_every = cfg.log_every_steps or (10 if device.type == "cuda" else 1)  # a GPU runs ahead between reads
             window_tokens, window_t0, steps_timed = 0, time.time(), 0
             while state.epoch < cfg.epochs and state.step < num_steps:
                 batches = plan_epoch(lengths, cfg, state.epoch)
@@ -410,7 +411,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
                     state.step_in_epoch += 1
                     window_tokens += num_tokens
                     pending.append((state.step, lr, step_loss))
-                    if len(pending) >= cfg.log_every_steps or state.step_in_epoch == len(batches) or state.step >= num_steps:
+                    if len(pending) >= log_every or state.step_in_epoch == len(batches) or state.step >= num_steps:
                         losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
                         now = time.time()
                         tok_per_s = window_tokens / max(now - window_t0, 1e-9)
