@@ -155,8 +155,10 @@ def test_a_reloaded_page_still_follows_the_running_job(browser_page, app):
     page, _ = browser_page
     page.reload()
     page.wait_for_selector("#data-load")
+    expect(page.locator("#app-model input")).to_have_value("demo")  # the running job's settings, not the defaults
     _use_demo_model_and_sample(page)
     _open_tab(page, "train")
+    expect(page.locator("#train-run-name textarea")).to_have_value(RUN_NAME)
     after_reload = wait_progress(page, f"p.step === {HOLD_AT}")
     assert after_reload["status"] == "running"
     wait_plot_points(page, "train-loss-chart", HOLD_AT)  # the chart came back with the run's points

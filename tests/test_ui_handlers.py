@@ -83,6 +83,27 @@ def test_tick_skips_when_the_version_is_unchanged():
     assert train_tab.on_tick(runner, -1, "en")[0] == 0
 
 
+def test_a_reloaded_page_gets_the_running_jobs_settings_back_and_idle_keeps_the_form():
+    from ruozhi_ui.config import config_to_dict
+
+    cfg = train_tab.build_train_config("demo", False, "sample", epochs=2, lr=3e-4, max_target_length=99,
+                                       run_name="mine", method="lora")
+
+    class Runner:
+        def __init__(self, snap):
+            self.snap = snap
+
+        def snapshot(self):
+            return self.snap
+
+    running = JobSnapshot(version=4, status="running", config=config_to_dict(cfg))
+    model, trust, source, *form = train_tab.on_page_load_form(Runner(running))
+    assert (model, trust, source) == ("demo", False, "sample")
+    assert train_tab.build_train_config(model, trust, source, **dict(zip(train_tab.FORM_FIELDS, form))) == cfg
+    idle = train_tab.on_page_load_form(Runner(JobSnapshot(version=0, status="idle")))
+    assert len(idle) == 3 + len(train_tab.FORM_FIELDS) and all(isinstance(v, type(gr.skip())) for v in idle)
+
+
 def test_poll_status_of_an_idle_runner():
     s = train_tab.poll_status(JobRunner(runs_root=None))
     assert (s["status"], s["step"], s["num_steps"], s["checkpoints"], s["error"]) == ("idle", 0, 0, [], "")

@@ -218,6 +218,21 @@ def on_refresh(runner: JobRunner, lang):
     return (snap.version, *render_status(snap, lang))
 
 
+def form_values_from_config(config: dict) -> dict:
+    """A job's config (as `config_to_dict` stores it) -> the form's values: the inverse of build_train_config."""
+    return {name: (config["data"] if name in DATA_FIELDS else config)[name] for name in FORM_FIELDS}
+
+
+def on_page_load_form(runner: JobRunner):
+    """A reloaded page shows the running job's settings, not the defaults (top bar, then FORM_FIELDS)."""
+    snap = runner.snapshot()
+    if not snap.active or not snap.config:
+        return (gr.skip(),) * (3 + len(FORM_FIELDS))
+    c, values = snap.config, form_values_from_config(snap.config)
+    return (c["model"]["spec"], c["model"]["trust_remote_code"], c["data"]["source"],
+            *(values[name] for name in FORM_FIELDS))
+
+
 def on_method(method):
     return gr.update(visible=method == "lora")
 
@@ -329,4 +344,6 @@ def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Gro
 def wire_page_load(demo: gr.Blocks, ctx: AppContext, h: TrainHandles) -> None:
     """A reloaded page or a second tab shows the running job at once; `poll_status` for API clients."""
     demo.load(partial(on_refresh, ctx.runner), [ctx.lang], h.live_outputs, api_visibility="private")
+    demo.load(partial(on_page_load_form, ctx.runner), None,
+              [ctx.model_spec, ctx.trust_remote_code, ctx.data_source, *h.inputs.values()], api_visibility="private")
     gr.api(partial(poll_status, ctx.runner), api_name="poll_status")  # outside gr.Tabs: it is not a component
