@@ -180,3 +180,9 @@ def test_build_gives_every_component_its_elem_id(tmp_path):
             "compare-base-label", "compare-tuned-label", "compare-base-chat", "compare-tuned-chat", "compare-ab-run",
             "compare-ab-table", "compare-ab-csv"} <= ids
     assert handles.max_new_tokens.value == GenConfig().max_new_tokens
+
+
+def test_fetch_base_model_is_a_no_op_for_the_demo_and_a_gr_error_offline(demo_dir):
+    assert isinstance(ct.fetch_base_model("demo", "en"), type(gr.skip()))
+    with pytest.raises(gr.Error):
+        ct.fetch_base_model("no-such-owner/no-such-model-xyz", "en")  # HF_HUB_OFFLINE in tests
