@@ -10,6 +10,7 @@ CUDA live in small named helpers (fastpath.py); the CPU path stays plain.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -129,7 +130,9 @@ def estimate_val_loss(model, examples, cfg: TrainConfig, pad_token_id: int, devi
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), cfg.batch_size):
         group = [examples[i] for i in order[start:start + cfg.batch_size]]
-        for mb in make_micro_batches(group, dataclasses.replace(cfg, grad_accum_steps=1), pad_token_id, device):
+        # Padded, never packed: packing needs a per-example mask, which the CUDA path's causal-only attention drops.
+        plain = dataclasses.replace(cfg, grad_accum_steps=1, packing=False)
+        for mb in make_micro_batches(group, plain, pad_token_id, device):
             with prec.autocast():
                 total += batch_loss_sum(model, mb, chunk_size=512)  # ~0.8 GB of fp32 logits at a time
             count += mb["targets"].numel()
@@ -379,7 +382,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
         log(CheckpointSaved(step=step, epoch=epoch, path=str(path), final=final))
 
     def checkpoint(name: str, final: bool) -> Path | None:
-        metrics = {**summary, "step": state.step, "epoch": state.epoch}
+        metrics = copy.deepcopy({**summary, "step": state.step, "epoch": state.epoch})  # a background write must
+        # not see the next epoch's values appended to these lists
         blob = training_state_blob(optimizer, state) if cfg.save_resume_state else None
         if saver and not final:
             weights, blob = cpu_snapshot(model.state_dict()), cpu_snapshot(blob)

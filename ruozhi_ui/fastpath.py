@@ -306,8 +306,8 @@ class CudaGraphStep:
             }
         return self.statics[shape]
 
-    def _step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One optimiser step on the static buffers: run eagerly, or recorded while capturing."""
+    def _loss_and_grads(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Zero the grads, then forward and backward every micro-batch of the static block."""
         for p in self.params:  # grads must exist (not None): the head's gradient is added in place
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -319,16 +319,25 @@ class CudaGraphStep:
                 rows = static["input_ids"][k * shape.micro_rows:(k + 1) * shape.micro_rows]
                 loss += step_loss_and_backward(self.model, rows, static["positions"][k], static["targets"][k],
                                                static["scale"], chunk_fn)
+        return loss
+
+    def _update(self) -> None:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
+
+    def _step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimiser step on the static buffers: run eagerly, or recorded while capturing."""
+        loss = self._loss_and_grads(shape, static)
+        self._update()
         return loss
 
     def _first_step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A shape's first step, where compiling happens. If compiling fails (no C compiler for Triton,
-        a model it cannot trace), the run goes on without it: the step has not updated anything yet."""
+        """A shape's first step, where compiling happens (forward and backward). If that fails (no C
+        compiler for Triton, a model it cannot trace), the run goes on without compiling: nothing has
+        been updated yet, the grads are zeroed again. A failure that is not compiling's fails again."""
         try:
-            return self._step(shape, static)
+            loss = self._loss_and_grads(shape, static)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -338,7 +347,9 @@ class CudaGraphStep:
                           stacklevel=2)
             self.regions = None
             self.description = "CUDA graphs (torch.compile failed, so not used)"
-            return self._step(shape, static)
+            loss = self._loss_and_grads(shape, static)
+        self._update()
+        return loss
 
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
         step = self.plan[batch_no]

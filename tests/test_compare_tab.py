@@ -183,6 +183,8 @@ def test_build_gives_every_component_its_elem_id(tmp_path):
 
 
 def test_fetch_base_model_is_a_no_op_for_the_demo_and_a_gr_error_offline(demo_dir):
-    assert isinstance(ct.fetch_base_model("demo", "en"), type(gr.skip()))
+    assert isinstance(ct.fetch_base_model("demo", "runs/r/checkpoints/final", "en"), type(gr.skip()))
     with pytest.raises(gr.Error):
-        ct.fetch_base_model("no-such-owner/no-such-model-xyz", "en")  # HF_HUB_OFFLINE in tests
+        ct.fetch_base_model("no-such-owner/no-such-model-xyz", "runs/r/checkpoints/final", "en")  # offline in tests
+    with pytest.raises(gr.Error, match="checkpoint"):
+        ct.fetch_base_model("no-such-owner/no-such-model-xyz", None, "en")  # no download before that error

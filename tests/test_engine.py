@@ -1,7 +1,9 @@
 """The SFT loop on the demo model: objective, accumulation, stop, resume, LoRA, failures, the job runner."""
 
 import dataclasses
+import json
 import threading
+import time
 
 import pytest
 import torch
@@ -132,8 +134,17 @@ def test_background_epoch_checkpoints_hold_the_weights_of_their_epoch_and_resume
         return copy
 
     monkeypatch.setattr(engine, "cpu_snapshot", remember)
+    real_save = engine.save_checkpoint
+
+    def slow_first_save(*args, **kwargs):
+        if args[4] == "epoch-1":
+            time.sleep(2)  # epoch 2 trains meanwhile and appends its validation loss to the run's summary
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", slow_first_save)
     cfg = dataclasses.replace(BASE, epochs=3, probe_prompts=())
     final, sink = run(cfg, tmp_path)
+    assert len(json.loads((final.parent / "epoch-1" / "metrics.json").read_text())["val_loss"]) == 1
     saves = sink.of(CheckpointSaved)
     assert [(e.epoch, e.final) for e in saves] == [(1, False), (2, False), (3, True)]
     for epoch in (1, 2):

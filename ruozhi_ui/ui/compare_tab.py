@@ -189,11 +189,13 @@ def load_pair(base_spec: str, checkpoint: str | None, trust_remote_code: bool, l
     return base, tuned
 
 
-def fetch_base_model(base_spec: str, lang: str, progress=gr.Progress(track_tqdm=True)):
+def fetch_base_model(base_spec: str, checkpoint: str | None, lang: str, progress=gr.Progress(track_tqdm=True)):
     """Before the first answer: download a Hub base model in its own event, so the base pane shows the
     download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders."""
     from ..models import fetch_model_files  # lazy: torch loads on first use, not at app start
 
+    if not checkpoint:  # say so before a 1 GB download, not after
+        raise gr.Error(t("compare.err_no_checkpoint", lang))
     try:
         fetch_model_files(base_spec or "")
     except RuozhiError as e:
@@ -378,16 +380,16 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
     respond_outputs = [h.base_chat, h.tuned_chat, h.base_label, h.tuned_label]
     append_io = dict(fn=append_user, inputs=[h.message, h.base_chat, h.tuned_chat, ctx.lang],
                      outputs=[h.message, h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
-    fetch_io = dict(fn=fetch_base_model, inputs=[ctx.model_spec, ctx.lang], outputs=[h.base_chat],
+    fetch_io = dict(fn=fetch_base_model, inputs=[ctx.model_spec, h.checkpoint, ctx.lang], outputs=[h.base_chat],
                     api_visibility="private")
-    submitted = h.message.submit(**append_io).success(**fetch_io).success(
-        respond, respond_inputs, respond_outputs, api_name="compare_respond")
-    clicked = h.send.click(**append_io).success(**fetch_io).success(
-        respond, respond_inputs, respond_outputs, api_visibility="private")
+    fetch_submitted = h.message.submit(**append_io).success(**fetch_io)
+    submitted = fetch_submitted.success(respond, respond_inputs, respond_outputs, api_name="compare_respond")
+    fetch_clicked = h.send.click(**append_io).success(**fetch_io)
+    clicked = fetch_clicked.success(respond, respond_inputs, respond_outputs, api_visibility="private")
     ab = h.ab_run.click(run_ab, [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt, ctx.data_source,
                                  h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens, h.repetition_penalty,
                                  h.runs_root, ctx.lang], [h.ab_loss, h.ab_table, h.ab_csv], api_name="compare_ab")
-    h.stop.click(stop_generation, None, None, cancels=[submitted, clicked, ab], queue=False, api_visibility="private")
+    h.stop.click(stop_generation, None, None, cancels=[fetch_submitted, submitted, fetch_clicked, clicked, ab], queue=False, api_visibility="private")
     h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
 
 
