@@ -107,9 +107,9 @@ def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_toke
     """CUDA graphs for full-parameter bf16 steps on CUDA (one micro-batch per step); eager otherwise."""
     if (prec.device.type == "cuda" and cfg.cuda_graphs != "off" and prec.stochastic_bf16_optimizer
             and cfg.grad_accum_steps == 1):
-        from .fastpath import CudaGraphStep, compile_available
+        from .fastpath import CudaGraphStep, triton_available
 
-        compile_regions = cfg.torch_compile == "auto" and compile_available()
+        compile_regions = cfg.torch_compile == "auto" and triton_available()
         return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, compile_regions)
     return EagerStep(model, optimizer, cfg, prec, pad_token_id)
 
@@ -381,6 +381,10 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
         last_ckpt = str(path)
         log(CheckpointSaved(step=step, epoch=epoch, path=str(path), final=final))
 
+    def collect_background_saves(block: bool) -> None:
+        for done in saver.finished(block) if saver else ():
+            saved(*done)
+
     def checkpoint(name: str, final: bool) -> Path | None:
         metrics = copy.deepcopy({**summary, "step": state.step, "epoch": state.epoch})  # a background write must
         # not see the next epoch's values appended to these lists
@@ -391,8 +395,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
             for done in saver.submit(write, state.step, state.epoch):
                 saved(*done)
             return None
-        for done in saver.finished(block=True) if saver else ():
-            saved(*done)
+        collect_background_saves(block=True)
         path = save_checkpoint(model, tokenizer, cfg, run_dir, name, metrics, training_blob=blob)
         saved(path, state.step, state.epoch, final=final)
         return path
@@ -429,8 +432,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
                                            tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
                                            mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
                         summary["train_loss_last"] = losses[-1]
-                        for done in saver.finished() if saver else ():
-                            saved(*done)
+                        collect_background_saves(block=False)
                         pending, window_tokens, window_t0 = [], 0, now
                     if state.step >= num_steps:
                         break
@@ -464,8 +466,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
             status = "stopped"
     except Exception as e:  # reported to the UI; the process keeps serving
         try:
-            for done in saver.finished(block=True) if saver else ():
-                saved(*done)
+            collect_background_saves(block=True)
         except Exception:
             pass  # the training failure is the one to report
         log(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),

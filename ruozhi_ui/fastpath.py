@@ -12,7 +12,7 @@ needs no attention mask, which lets SDPA use its flash kernel
 copied to the GPU in one transfer.
 
 Inside the graph, the decoder layer's forward is one `torch.compile` region shared
-by all 24 layers and dynamic in length (one compile, cached on disk for the next
+by all 24 layers and dynamic in rows and length (one compile, cached on disk for the next
 run), and the LM head's loss and gradients are computed together a chunk at a time
 by a second small compiled function (`head_loss_and_grads`): fused kernels instead
 of dozens of small ones, and fewer saved activations. Blocks longer than
@@ -29,14 +29,14 @@ import math
 import os
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace as dataclass_replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .encoding import IGNORE_INDEX
 from .loss import decoder_and_head
-from .precision import AdamWBF16
+from .precision import AdamWBF16, set_lr
 
 BUCKET = 16  # padded row lengths are rounded up to this: a dozen graphs, little padding
 LOSS_CHUNK = 512  # label positions per LM-head chunk: 512 x 151,936 logits are 0.16 GB in bf16
@@ -57,8 +57,8 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
 
 
-def compile_available() -> bool:
-    """torch.compile's GPU backend generates Triton kernels; without Triton everything stays eager."""
+def triton_available() -> bool:
+    """The fused AdamW kernel and torch.compile's GPU backend are Triton; without it both stay off."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -240,10 +240,6 @@ def pad_step(examples, pad_token_id: int, rows: int, length: int, max_labels: in
     return ids, positions, targets, count
 
 
-def label_count(example) -> int:
-    return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
-
-
 class CudaGraphStep:
     """Callable like the engine's EagerStep: (batch_no, examples, lr) -> (loss tensor, tokens).
 
@@ -253,13 +249,11 @@ class CudaGraphStep:
     """
 
     def __init__(self, model, optimizer, cfg, pad_token_id: int, device: torch.device, compile_regions: bool):
-        from .precision import set_lr
-
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
-        self.pad_token_id, self.device, self.set_lr = pad_token_id, device, set_lr
+        self.pad_token_id, self.device = pad_token_id, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_labels_per_row = cfg.data.max_target_length + 1  # answer tokens and the end-of-turn token
-        self.min_prompt: int | None = None  # set from the training set on the first epoch
+        self.min_prompt: int | None = None  # fewest unlabelled tokens of any training example
         self.graphs: dict[BlockShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.statics: dict[BlockShape, dict[str, torch.Tensor]] = {}
         self.shapes_run_eagerly: set[BlockShape] = set()
@@ -272,15 +266,14 @@ class CudaGraphStep:
     def prepare_epoch(self, train_examples, batches: list[list[int]]) -> None:
         """Pad every step of the epoch to its bucket and put the result on the GPU in one copy."""
         if self.min_prompt is None:  # fixed for the whole run, so a bucket's shape never changes
-            self.min_prompt = min(len(e) - label_count(e) for e in train_examples)
+            self.min_prompt = min(e.prompt_len for e in train_examples)
         rows = self.cfg.batch_size
         ids, positions, targets, plan = [], [], [], []
         for batch in batches:
             examples = [train_examples[i] for i in batch]
             shape = block_shape(rows, bucket_length(max(len(e) for e in examples)), self.min_prompt,
                                 self.max_labels_per_row)
-            step = PaddedStep(shape, len(ids), len(positions), 0, sum(len(e) for e in examples))
-            count = 0
+            offset, label_offset, count = len(ids), len(positions), 0
             for k in range(shape.micro_batches):
                 part = examples[k * shape.micro_rows:(k + 1) * shape.micro_rows]
                 block = pad_step(part, self.pad_token_id, shape.micro_rows, shape.length, shape.label_slots)
@@ -288,7 +281,7 @@ class CudaGraphStep:
                 positions += block[1]
                 targets += block[2]
                 count += block[3]
-            plan.append(dataclass_replace(step, label_count=count))
+            plan.append(PaddedStep(shape, offset, label_offset, count, sum(len(e) for e in examples)))
         pinned = self.device.type == "cuda"
         as_device = lambda xs: torch.tensor(xs, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
         self.ids, self.positions, self.targets = map(as_device, (ids, positions, targets))
@@ -360,7 +353,7 @@ class CudaGraphStep:
         static["positions"].view(-1).copy_(self.positions[step.label_offset:step.label_offset + slots])
         static["targets"].view(-1).copy_(self.targets[step.label_offset:step.label_offset + slots])
         static["scale"].fill_(1.0 / step.label_count)
-        self.set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr)
         if shape not in self.shapes_run_eagerly:
             self.shapes_run_eagerly.add(shape)
             return self._first_step(shape, static).detach(), step.num_tokens

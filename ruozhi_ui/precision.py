@@ -73,9 +73,9 @@ def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     if prec.stochastic_bf16_optimizer:
         if prec.device.type == "cuda":
-            from .fastpath import FlatAdamWBF16, compile_available
+            from .fastpath import FlatAdamWBF16, triton_available
 
-            if compile_available():  # one fused kernel instead of thousands of small ones
+            if triton_available():  # one fused kernel instead of thousands of small ones
                 return FlatAdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return AdamWBF16(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fused = prec.device.type == "cuda"

@@ -22,6 +22,7 @@ from ..config import DEFAULT_SYSTEM_PROMPT, REFERENCE_PROMPTS, DataConfig, GenCo
 from ..data import load_source
 from ..errors import ConfigError, RuozhiError
 from ..i18n import t
+from ..models import fetch_model_files
 from .context import AppContext
 
 AB_MAX_PROMPTS = 500  # the A/B table runs two full generations per prompt
@@ -192,8 +193,6 @@ def load_pair(base_spec: str, checkpoint: str | None, trust_remote_code: bool, l
 def fetch_base_model(base_spec: str, checkpoint: str | None, lang: str, progress=gr.Progress(track_tqdm=True)):
     """Before the first answer: download a Hub base model in its own event, so the base pane shows the
     download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders."""
-    from ..models import fetch_model_files  # lazy: torch loads on first use, not at app start
-
     if not checkpoint:  # say so before a 1 GB download, not after
         raise gr.Error(t("compare.err_no_checkpoint", lang))
     try:
@@ -389,7 +388,8 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
     ab = h.ab_run.click(run_ab, [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt, ctx.data_source,
                                  h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens, h.repetition_penalty,
                                  h.runs_root, ctx.lang], [h.ab_loss, h.ab_table, h.ab_csv], api_name="compare_ab")
-    h.stop.click(stop_generation, None, None, cancels=[fetch_submitted, submitted, fetch_clicked, clicked, ab], queue=False, api_visibility="private")
+    h.stop.click(stop_generation, None, None, cancels=[fetch_submitted, submitted, fetch_clicked, clicked, ab],
+                 queue=False, api_visibility="private")
     h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
 
 
