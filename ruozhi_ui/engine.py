@@ -10,6 +10,7 @@ CUDA live in small named helpers (fastpath.py); the CPU path stays plain.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -103,15 +104,35 @@ class EagerStep:
         return loss, sum(mb["num_tokens"] for mb in micro)
 
 
-def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_token_id: int):
+def uses_cuda_graphs(cfg: TrainConfig, prec: Precision) -> bool:
     """CUDA graphs for full-parameter bf16 steps on CUDA (one micro-batch per step); eager otherwise."""
-    if (prec.device.type == "cuda" and cfg.cuda_graphs != "off" and prec.stochastic_bf16_optimizer
-            and cfg.grad_accum_steps == 1):
-        from .fastpath import CudaGraphStep, triton_available
+    return (prec.device.type == "cuda" and cfg.cuda_graphs != "off" and prec.stochastic_bf16_optimizer
+            and cfg.grad_accum_steps == 1)
 
-        compile_regions = cfg.torch_compile == "auto" and triton_available()
-        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, compile_regions)
+
+def compiles_layers(cfg: TrainConfig) -> bool:
+    from .fastpath import triton_available
+
+    return cfg.torch_compile == "auto" and triton_available()
+
+
+def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_token_id: int):
+    if uses_cuda_graphs(cfg, prec):
+        from .fastpath import CudaGraphStep
+
+        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, compiles_layers(cfg))
     return EagerStep(model, optimizer, cfg, prec, pad_token_id)
+
+
+def attention_backends(device: torch.device):
+    """On CUDA, PyTorch's attention without its cuDNN kernel: cuDNN builds a plan for every new shape
+    (~0.2 s each, and training buckets plus validation batches make dozens), flash attention needs
+    none and runs these steps as fast."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -333,6 +354,10 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     root = Path(runs_root) if runs_root else ckpt.runs_root()
     device = pick_device(cfg.device)
     prec = choose_precision(cfg, device)
+    if uses_cuda_graphs(cfg, prec):  # kernels build while the data and model load
+        from .fastpath import start_warm_up
+
+        start_warm_up(device, compiles_layers(cfg))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
@@ -401,83 +426,84 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
         return path
 
     # ---- loop --------------------------------------------------------------------------
-    try:
+    with attention_backends(device):
         try:
-            pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
-            log_every = cfg.log_every_steps or (10 if device.type == "cuda" else 1)  # a GPU runs ahead between reads
-            window_tokens, window_t0, steps_timed = 0, time.time(), 0
-            while state.epoch < cfg.epochs and state.step < num_steps:
-                batches = plan_epoch(lengths, cfg, state.epoch)
-                stepper.prepare_epoch(train_ex, batches)
-                for batch_no in range(state.step_in_epoch, len(batches)):
+            try:
+                pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device): read in bursts
+                log_every = cfg.log_every_steps or (10 if device.type == "cuda" else 1)  # a GPU runs ahead between reads
+                window_tokens, window_t0, steps_timed = 0, time.time(), 0
+                while state.epoch < cfg.epochs and state.step < num_steps:
+                    batches = plan_epoch(lengths, cfg, state.epoch)
+                    stepper.prepare_epoch(train_ex, batches)
+                    for batch_no in range(state.step_in_epoch, len(batches)):
+                        if stop_event.is_set():
+                            raise StopRequested
+                        lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
+                        step_loss, num_tokens = stepper(batch_no, [train_ex[i] for i in batches[batch_no]], lr)
+                        state.step += 1
+                        state.step_in_epoch += 1
+                        window_tokens += num_tokens
+                        pending.append((state.step, lr, step_loss))
+                        if len(pending) >= log_every or state.step_in_epoch == len(batches) or state.step >= num_steps:
+                            losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
+                            now = time.time()
+                            tok_per_s = window_tokens / max(now - window_t0, 1e-9)
+                            steps_timed += len(pending)
+                            eta = (now - t0) / steps_timed * (num_steps - state.step) if steps_timed else 0.0
+                            for (step, step_lr, _), loss in zip(pending, losses):
+                                if not math.isfinite(loss):
+                                    raise FloatingPointError(f"loss is {loss} at step {step}")
+                                writer.add_scalar("Loss/train", loss, step)
+                                log(StepLogged(step=step, epoch=step / steps_per_epoch, loss=loss, lr=step_lr,
+                                               tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
+                                               mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
+                            summary["train_loss_last"] = losses[-1]
+                            collect_background_saves(block=False)
+                            pending, window_tokens, window_t0 = [], 0, now
+                        if state.step >= num_steps:
+                            break
+                    # ---- epoch end: validation, probes, checkpoint ---------------------------------
+                    epoch_done = state.step_in_epoch >= len(batches)
+                    if epoch_done:
+                        state.epoch += 1
+                        state.step_in_epoch = 0
+                    epoch_label = state.epoch if epoch_done else state.epoch + 1  # 1-based; max_steps may end mid-epoch
+                    val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
+                    summary["val_loss"].append(val_loss)
+                    writer.add_scalar("Loss/val", val_loss, epoch_label)
+                    log(EvalDone(step=state.step, epoch=epoch_label, val_loss=val_loss,
+                                 val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
                     if stop_event.is_set():
                         raise StopRequested
-                    lr = cosine_lr_with_warmup(state.step, cfg, num_steps)
-                    step_loss, num_tokens = stepper(batch_no, [train_ex[i] for i in batches[batch_no]], lr)
-                    state.step += 1
-                    state.step_in_epoch += 1
-                    window_tokens += num_tokens
-                    pending.append((state.step, lr, step_loss))
-                    if len(pending) >= log_every or state.step_in_epoch == len(batches) or state.step >= num_steps:
-                        losses = torch.stack([p[2] for p in pending]).tolist()  # one host sync per burst
-                        now = time.time()
-                        tok_per_s = window_tokens / max(now - window_t0, 1e-9)
-                        steps_timed += len(pending)
-                        eta = (now - t0) / steps_timed * (num_steps - state.step) if steps_timed else 0.0
-                        for (step, step_lr, _), loss in zip(pending, losses):
-                            if not math.isfinite(loss):
-                                raise FloatingPointError(f"loss is {loss} at step {step}")
-                            writer.add_scalar("Loss/train", loss, step)
-                            log(StepLogged(step=step, epoch=step / steps_per_epoch, loss=loss, lr=step_lr,
-                                           tok_per_s=tok_per_s, elapsed_s=now - t0, eta_s=eta,
-                                           mem_gib=prec.peak_memory_gib(), num_steps=num_steps))
-                        summary["train_loss_last"] = losses[-1]
-                        collect_background_saves(block=False)
-                        pending, window_tokens, window_t0 = [], 0, now
-                    if state.step >= num_steps:
+                    if cfg.probe_prompts:
+                        answers = generate_probes(model, tokenizer, cfg, device)
+                        log(SampleGenerated(step=state.step, epoch=epoch_label, answers=answers))
+                    finished = state.epoch >= cfg.epochs or state.step >= num_steps
+                    if finished:
                         break
-                # ---- epoch end: validation, probes, checkpoint ---------------------------------
-                epoch_done = state.step_in_epoch >= len(batches)
-                if epoch_done:
-                    state.epoch += 1
-                    state.step_in_epoch = 0
-                epoch_label = state.epoch if epoch_done else state.epoch + 1  # 1-based; max_steps may end mid-epoch
-                val_loss = estimate_val_loss(model, val_ex, cfg, pad_token_id, device, prec)
-                summary["val_loss"].append(val_loss)
-                writer.add_scalar("Loss/val", val_loss, epoch_label)
-                log(EvalDone(step=state.step, epoch=epoch_label, val_loss=val_loss,
-                             val_ppl=math.exp(val_loss) if val_loss < 50 else float("inf")))
-                if stop_event.is_set():
-                    raise StopRequested
-                if cfg.probe_prompts:
-                    answers = generate_probes(model, tokenizer, cfg, device)
-                    log(SampleGenerated(step=state.step, epoch=epoch_label, answers=answers))
-                finished = state.epoch >= cfg.epochs or state.step >= num_steps
-                if finished:
-                    break
-                if cfg.save_every_epoch:
-                    checkpoint(f"epoch-{state.epoch}", final=False)
-            final = checkpoint("final", final=True)
-            if cfg.method == "lora" and cfg.save_merged:
-                save_merged(model, tokenizer, cfg, run_dir)
-            status = "finished"
-        except StopRequested:
-            final = checkpoint("final", final=True)
-            status = "stopped"
-    except Exception as e:  # reported to the UI; the process keeps serving
-        try:
-            collect_background_saves(block=True)
-        except Exception:
-            pass  # the training failure is the one to report
-        log(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
-                      last_checkpoint=last_ckpt))
+                    if cfg.save_every_epoch:
+                        checkpoint(f"epoch-{state.epoch}", final=False)
+                final = checkpoint("final", final=True)
+                if cfg.method == "lora" and cfg.save_merged:
+                    save_merged(model, tokenizer, cfg, run_dir)
+                status = "finished"
+            except StopRequested:
+                final = checkpoint("final", final=True)
+                status = "stopped"
+        except Exception as e:  # reported to the UI; the process keeps serving
+            try:
+                collect_background_saves(block=True)
+            except Exception:
+                pass  # the training failure is the one to report
+            log(JobFailed(error=f"{type(e).__name__}: {e}", hint=failure_hint(e), run_dir=str(run_dir),
+                          last_checkpoint=last_ckpt))
+            writer.close()
+            metrics_file.close()
+            return None
+        log(JobFinished(status=status, run_dir=str(run_dir), final_checkpoint=str(final), elapsed_s=time.time() - t0))
         writer.close()
         metrics_file.close()
-        return None
-    log(JobFinished(status=status, run_dir=str(run_dir), final_checkpoint=str(final), elapsed_s=time.time() - t0))
-    writer.close()
-    metrics_file.close()
-    return final
+        return final
 
 
 def save_merged(model, tokenizer, cfg: TrainConfig, run_dir: Path) -> Path:

@@ -14,12 +14,13 @@ copied to the GPU in one transfer.
 Inside the graph, the decoder layer's forward is one `torch.compile` region shared
 by all 24 layers and dynamic in rows and length (one compile, cached on disk for the next
 run), and the LM head's loss and gradients are computed together a chunk at a time
-by a second small compiled function (`head_loss_and_grads`): fused kernels instead
-of dozens of small ones, and fewer saved activations. Blocks longer than
+(`head_loss_and_grads`), the softmax and its gradient by one Triton kernel
+(`fused_head_chunk`): only one chunk of logits ever exists. Blocks longer than
 `TOKEN_BUDGET` tokens run as two halves within the step, which bounds the peak
 memory. The optimizer is one fused Triton kernel over flat weight/grad/moment
-buffers (`FlatAdamWBF16`). Only the engine uses this, and only on CUDA; the CPU
-path never imports it.
+buffers (`FlatAdamWBF16`). The kernels are built, and torch.compile made ready, on a
+thread while the engine reads data and loads the model (`start_warm_up`). Only the
+engine uses this, and only on CUDA; the CPU path never imports it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ LOSS_CHUNK = 512  # label positions per LM-head chunk: 512 x 151,936 logits are 
 TOKEN_BUDGET = 2112  # rows x length per forward/backward; longer blocks are split (peak activation memory)
 ACTIVATION_MEMORY_BUDGET = 0.7  # share of the layer's activations to keep; cheap ops are recomputed in backward
 CAUSAL_ONLY = "ruozhi_causal_sdpa"  # attention implementation name registered below
+XENT_BLOCK = 4096  # vocabulary entries per iteration of the head kernel
+ADAMW_BLOCK = 1024  # weights per AdamW program; with 8 warps 2.7 ms a step for 494M on an H200 (4.1 at 4096 x 4)
 
 
 def bucket_length(num_tokens: int, bucket: int = BUCKET) -> int:
@@ -101,6 +105,17 @@ def head_chunk_loss_and_dlogits(h: torch.Tensor, y: torch.Tensor, weight: torch.
     return loss, d_logits.to(h.dtype)
 
 
+def fused_head_chunk(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_chunk_loss_and_dlogits` on CUDA: the logits GEMM, then one Triton kernel that turns the
+    logits into their gradient in place (two reads and one write of the chunk, no fp32 copies)."""
+    logits = torch.mm(h, weight.t())  # (c, V) in h's dtype, as F.linear gives it to the torch version
+    loss_rows = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    _triton_kernels().softmax_xent_grad[(h.shape[0],)](logits, y, loss_rows, scale, logits.shape[1],
+                                                       IGNORE=IGNORE_INDEX, BLOCK=XENT_BLOCK, num_warps=8)
+    return loss_rows.sum(), logits
+
+
 @torch.no_grad()
 def head_loss_and_grads(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                         grad_weight: torch.Tensor, chunk: int | None = None,
@@ -142,7 +157,7 @@ def step_loss_and_backward(model, input_ids: torch.Tensor, positions: torch.Tens
 
 
 class CompiledRegions:
-    """The decoder layer's forward and the head chunk, each compiled once and reused everywhere.
+    """The decoder layer's forward, compiled once and reused by every layer and bucket.
 
     One compiled layer forward serves all layers (their weights are inputs, not
     constants) and every bucket (rows and length are dynamic), so a run compiles it once; the
@@ -156,7 +171,6 @@ class CompiledRegions:
         decoder, _ = decoder_and_head(model)
         self.layers = list(decoder.layers)
         self.compiled_forward = torch.compile(type(self.layers[0]).forward, backend=backend)
-        self.head_chunk = torch.compile(head_chunk_loss_and_dlogits, dynamic=False, backend=backend)
 
     def layer_forward(self, layer, hidden_states, *args, position_ids=None, position_embeddings=None, **kwargs):
         """Rows and length are symbolic from the first compile (`dynamic=True` would also make the
@@ -169,6 +183,7 @@ class CompiledRegions:
 
     @contextmanager
     def active(self):
+        import torch._inductor.config as inductor_config
         from torch.fx.experimental import _config as shape_config
 
         for layer in self.layers:
@@ -176,8 +191,11 @@ class CompiledRegions:
         try:
             # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
             # is not merged with it, which would pin the compiled graph to that length.
+            # One launch configuration per pointwise kernel, not several benchmarked on first use:
+            # ~3 s less of a cold start, no slower here.
             with shape_config.patch(use_duck_shape=False), \
-                    torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET):
+                    torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET), \
+                    inductor_config.patch({"triton.autotune_pointwise": False}):
                 yield
         finally:
             for layer in self.layers:
@@ -260,7 +278,10 @@ class CudaGraphStep:
         self.pool = None  # one memory pool shared by every bucket's graph
         self.plan: list[PaddedStep] = []
         use_causal_only_attention(model)
+        wait_for_warm_up()
         self.regions = CompiledRegions(model) if compile_regions else None
+        on_gpu_with_triton = device.type == "cuda" and triton_available()
+        self.head_chunk = fused_head_chunk if on_gpu_with_triton else head_chunk_loss_and_dlogits
         self.description = "CUDA graphs" + (" + torch.compile (the first steps compile)" if compile_regions else "")
 
     def prepare_epoch(self, train_examples, batches: list[list[int]]) -> None:
@@ -305,13 +326,12 @@ class CudaGraphStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_zero_([p.grad for p in self.params])
-        chunk_fn = self.regions.head_chunk if self.regions else head_chunk_loss_and_dlogits
         loss = torch.zeros((), device=self.device)
         with self.regions.active() if self.regions else nullcontext():
             for k in range(shape.micro_batches):
                 rows = static["input_ids"][k * shape.micro_rows:(k + 1) * shape.micro_rows]
                 loss += step_loss_and_backward(self.model, rows, static["positions"][k], static["targets"][k],
-                                               static["scale"], chunk_fn)
+                                               static["scale"], self.head_chunk)
         return loss
 
     def _update(self) -> None:
@@ -379,8 +399,6 @@ class FlatAdamWBF16(AdamWBF16):
     (element, step). zero_grad zeroes in place: the grads keep their addresses.
     """
 
-    BLOCK = 1024  # with 8 warps: 2.7 ms a step for 494M weights on an H200, vs 4.1 ms at 4096 x 4
-
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         params = list(params)
         torch.optim.Optimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -403,9 +421,8 @@ class FlatAdamWBF16(AdamWBF16):
             self.state[p] = {"exp_avg": self.exp_avg[offset:offset + n].view_as(p),
                              "exp_avg_sq": self.exp_avg_sq[offset:offset + n].view_as(p)}
             offset += n
-        self._launch(*(torch.zeros(16, dtype=t.dtype, device=device) for t in (self.flat, self.flat_grad)),
-                     torch.zeros(16, device=device), torch.zeros(16, device=device), torch.ones((), device=device))
-        # ^ compiles (or loads from the cache) the kernel now, never inside a graph capture
+        wait_for_warm_up()
+        build_kernels(device, self.flat.dtype)  # now, never inside a graph capture
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.flat_grad.zero_()  # never None: views and captured graphs keep these addresses
@@ -420,29 +437,44 @@ class FlatAdamWBF16(AdamWBF16):
                 state[name] = flat[offset:offset + n].view_as(p)
             offset += n
 
-    def _launch(self, p, g, m, v, step) -> None:
-        group = self.param_groups[0]
-        beta1, beta2 = group["betas"]
-        n = p.numel()
-        _adamw_kernel()[(-(-n // self.BLOCK),)](
-            p, g, m, v, self.lr_t, step, n, beta1, beta2, math.log2(beta1), math.log2(beta2), group["eps"],
-            group["weight_decay"], BLOCK=self.BLOCK, num_warps=8)
-
     @torch.no_grad()
     def step(self, closure=None):
         self.step_t += 1
-        self._launch(self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq, self.step_t)
+        group = self.param_groups[0]
+        launch_adamw(self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq, self.lr_t, self.step_t, group["betas"],
+                     group["eps"], group["weight_decay"])
         return None
 
 
-_KERNEL: list = []
+def launch_adamw(p, g, m, v, lr: torch.Tensor, step: torch.Tensor, betas, eps: float, weight_decay: float) -> None:
+    """One AdamW + stochastic rounding update of flat weights `p` from grads `g` and fp32 moments `m`, `v`."""
+    beta1, beta2 = betas
+    n = p.numel()
+    _triton_kernels().adamw_bf16[(-(-n // ADAMW_BLOCK),)](
+        p, g, m, v, lr, step, n, beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay,
+        BLOCK=ADAMW_BLOCK, num_warps=8)
 
 
-def _adamw_kernel():
-    """The fused AdamW + stochastic rounding kernel, defined on first use (Triton caches its binary)."""
-    if _KERNEL:
-        return _KERNEL[0]
+def build_kernels(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Compile (or load from the disk cache) both Triton kernels with tiny launches."""
+    one = torch.ones((), device=device)
+    zeros = lambda *shape, dtype=dtype: torch.zeros(*shape, dtype=dtype, device=device)
+    launch_adamw(zeros(16), zeros(16), zeros(16, dtype=torch.float32), zeros(16, dtype=torch.float32), one, one,
+                 (0.9, 0.999), 1e-8, 0.0)
+    fused_head_chunk(zeros(1, 16), zeros(1, dtype=torch.long), zeros(16, 16), one)  # 16 | V, as 151,936
+
+
+_KERNELS: list = []
+
+
+def _triton_kernels():
+    """The fused AdamW + stochastic rounding kernel and the LM-head softmax kernel, defined on first
+    use (Triton compiles each on its first launch and caches the binary on disk)."""
+    if _KERNELS:
+        return _KERNELS[0]
     use_persistent_compile_cache()
+    import types
+
     import triton
     import triton.language as tl
 
@@ -472,5 +504,63 @@ def _adamw_kernel():
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
 
-    _KERNEL.append(adamw_bf16)
-    return adamw_bf16
+    @triton.jit
+    def softmax_xent_grad(logits_ptr, targets_ptr, loss_ptr, scale_ptr, V, IGNORE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """One row: its cross-entropy, then its logits overwritten by scale * (softmax - one_hot)."""
+        row = logits_ptr + tl.program_id(0).to(tl.int64) * V
+        y = tl.load(targets_ptr + tl.program_id(0))
+        # pass 1: running max and sum of exponentials (fp32), then log-sum-exp
+        m = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(total)
+        valid = y != IGNORE
+        target_logit = tl.load(row + tl.maximum(y, 0)).to(tl.float32)  # read before pass 2 overwrites it
+        tl.store(loss_ptr + tl.program_id(0), tl.where(valid, lse - target_logit, 0.0))
+        # pass 2: the gradient, in place; an ignored target (bucket padding) gets zeros
+        g_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - (cols == y).to(tl.float32)) * g_scale
+            tl.store(row + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+    _KERNELS.append(types.SimpleNamespace(adamw_bf16=adamw_bf16, softmax_xent_grad=softmax_xent_grad))
+    return _KERNELS[0]
+
+
+_warm_up: list[threading.Thread] = []
+
+
+def start_warm_up(device: torch.device, compile_regions: bool) -> None:
+    """Build the Triton kernels (and, when compiling, import torch.compile and start its worker
+    processes) on a thread, while the engine reads the data and loads the model. Cold, these are
+    ~4 s that would otherwise come one after the other. A failure here is left for the main thread
+    to meet again and report; `wait_for_warm_up` comes before any use."""
+    def run() -> None:
+        try:
+            with torch.cuda.device(device):
+                build_kernels(device)
+                torch.cuda.synchronize(device)
+            if compile_regions:
+                from torch._inductor.async_compile import maybe_warm_pool
+                from torch._inductor.compile_fx import compile_fx  # noqa: F401  (the import is the work)
+
+                maybe_warm_pool()
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=run, name="fastpath-warm-up", daemon=True)
+    thread.start()
+    _warm_up.append(thread)
+
+
+def wait_for_warm_up() -> None:
+    while _warm_up:
+        _warm_up.pop().join()

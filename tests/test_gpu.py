@@ -68,3 +68,22 @@ def test_app_jobs_train_on_cuda_in_their_thread_twice_with_background_epoch_chec
         assert [(c.epoch, c.final) for c in snap.checkpoints] == [(1, False), (2, True)]
         assert snap.samples and snap.steps[-1].loss < snap.steps[0].loss
         AutoModelForCausalLM.from_pretrained(snap.checkpoints[0].path)
+
+
+def test_the_triton_head_kernel_gives_the_torch_head_chunk_loss_and_gradient():
+    """Same cross-entropy and scale * (softmax - one_hot) as the plain-torch chunk, ignored targets zeroed."""
+    from ruozhi_ui.encoding import IGNORE_INDEX
+    from ruozhi_ui.fastpath import fused_head_chunk, head_chunk_loss_and_dlogits
+
+    torch.manual_seed(0)
+    for vocab in (151936, 1003):  # Qwen2.5's (a multiple of 16) and an odd one
+        h = torch.randn(70, 64, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(vocab, 64, device="cuda", dtype=torch.bfloat16) * 0.2
+        y = torch.randint(0, vocab, (70,), device="cuda")
+        y[[3, 41]] = IGNORE_INDEX
+        scale = torch.tensor(1 / 68, device="cuda")
+        loss, d_logits = fused_head_chunk(h, y, weight, scale)
+        expected_loss, expected = head_chunk_loss_and_dlogits(h, y, weight, scale)
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
+        torch.testing.assert_close(d_logits.float(), expected.float(), rtol=1e-2, atol=1e-6)
+        assert d_logits[3].abs().max() == 0 and d_logits[41].abs().max() == 0
