@@ -27,7 +27,7 @@ import torch
 from . import checkpoints as ckpt
 from .config import TrainConfig, load_config, save_config, validate
 from .data import Record, load_source
-from .encoding import collate_packed, collate_padded, encode_record, length_grouped_batches, pad_id, render_prompt
+from .encoding import collate_packed, collate_padded, encode_records, length_grouped_batches, pad_id, render_prompt
 from .errors import ConfigError
 from .events import (CheckpointSaved, EmitFn, EvalDone, JobFailed, JobFinished, NullSink, RunStarted,
                      SampleGenerated, StepLogged)
@@ -125,14 +125,12 @@ def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_toke
 
 
 def attention_backends(device: torch.device):
-    """On CUDA, PyTorch's attention without its cuDNN kernel: cuDNN builds a plan for every new shape
-    (~0.2 s each, and training buckets plus validation batches make dozens), flash attention needs
-    none and runs these steps as fast."""
+    """On CUDA, attention without cuDNN's kernel (`fastpath.training_attention` says why)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from .fastpath import training_attention
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return training_attention()
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -357,14 +355,15 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     if uses_cuda_graphs(cfg, prec):  # kernels build while the data and model load
         from .fastpath import start_warm_up
 
-        start_warm_up(device, compiles_layers(cfg))
+        layers_ready = compiles_layers(cfg) and not cfg.model.trust_remote_code
+        start_warm_up(device, prec.weight_dtype, cfg.model.spec if layers_ready else None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
     splits = load_source(cfg.data.source, cfg.data.val_fraction, cfg.data.seed)
     d = cfg.data
-    encode = lambda r: encode_record(tokenizer, r, d.system_prompt, d.max_source_length, d.max_target_length)
-    train_ex, val_ex = [encode(r) for r in splits.train], [encode(r) for r in splits.val]
+    encode = lambda rs: encode_records(tokenizer, rs, d.system_prompt, d.max_source_length, d.max_target_length)
+    train_ex, val_ex = encode(splits.train), encode(splits.val)
     lengths = [len(e) for e in train_ex]
     pad_token_id = pad_id(tokenizer)
     model = build_model(cfg, device, prec)

@@ -29,6 +29,7 @@ import functools
 import math
 import os
 import threading
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoding import IGNORE_INDEX
+from .fused_layer import FusedLayers, fusable
 from .loss import decoder_and_head
 from .precision import AdamWBF16, set_lr
 
@@ -170,7 +172,7 @@ class CompiledRegions:
         use_persistent_compile_cache()
         decoder, _ = decoder_and_head(model)
         self.layers = list(decoder.layers)
-        self.compiled_forward = torch.compile(type(self.layers[0]).forward, backend=backend)
+        self.compiled_forward = compiled_layer_forward(type(self.layers[0]), backend)
 
     def layer_forward(self, layer, hidden_states, *args, position_ids=None, position_embeddings=None, **kwargs):
         """Rows and length are symbolic from the first compile (`dynamic=True` would also make the
@@ -183,23 +185,47 @@ class CompiledRegions:
 
     @contextmanager
     def active(self):
-        import torch._inductor.config as inductor_config
-        from torch.fx.experimental import _config as shape_config
-
         for layer in self.layers:
             layer.forward = functools.partial(self.layer_forward, layer)
         try:
-            # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
-            # is not merged with it, which would pin the compiled graph to that length.
-            # One launch configuration per pointwise kernel, not several benchmarked on first use:
-            # ~3 s less of a cold start, no slower here.
-            with shape_config.patch(use_duck_shape=False), \
-                    torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET), \
-                    inductor_config.patch({"triton.autotune_pointwise": False}):
+            with compile_settings():
                 yield
         finally:
             for layer in self.layers:
                 del layer.forward  # back to the class's plain forward
+
+
+@functools.cache
+def compiled_layer_forward(layer_class: type, backend: str = "inductor"):
+    """One torch.compile of a decoder layer class's forward per process. Its compiled code is
+    guarded on shapes, dtypes and config values, not on which layer or model, so a second run in
+    the app's process reuses the first's compile without tracing again."""
+    return torch.compile(layer_class.forward, backend=backend)
+
+
+@contextmanager
+def compile_settings():
+    """What every compile of the layer runs under."""
+    import torch._inductor.config as inductor_config
+    from torch.fx.experimental import _config as shape_config
+
+    # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
+    # is not merged with it, which would pin the compiled graph to that length.
+    # One launch configuration per pointwise kernel, not several benchmarked on first use:
+    # ~3 s less of a cold start, no slower here.
+    with shape_config.patch(use_duck_shape=False), \
+            torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET), \
+            inductor_config.patch({"triton.autotune_pointwise": False}):
+        yield
+
+
+def training_attention():
+    """PyTorch's attention without its cuDNN kernel: cuDNN builds a plan for every new shape (~0.2 s
+    each, and training buckets plus validation batches make dozens), flash attention needs none and
+    runs these steps as fast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True)
@@ -279,10 +305,14 @@ class CudaGraphStep:
         self.plan: list[PaddedStep] = []
         use_causal_only_attention(model)
         wait_for_warm_up()
-        self.regions = CompiledRegions(model) if compile_regions else None
         on_gpu_with_triton = device.type == "cuda" and triton_available()
+        self.regions, layers = None, ""
+        if compile_regions and on_gpu_with_triton and fusable(model.config):
+            self.regions, layers = FusedLayers(model), " + fused Triton layer kernels"
+        elif compile_regions:
+            self.regions, layers = CompiledRegions(model), " + torch.compile (the first steps compile)"
         self.head_chunk = fused_head_chunk if on_gpu_with_triton else head_chunk_loss_and_dlogits
-        self.description = "CUDA graphs" + (" + torch.compile (the first steps compile)" if compile_regions else "")
+        self.description = "CUDA graphs" + layers
 
     def prepare_epoch(self, train_examples, batches: list[list[int]]) -> None:
         """Pad every step of the epoch to its bucket and put the result on the GPU in one copy."""
@@ -347,8 +377,8 @@ class CudaGraphStep:
 
     def _first_step(self, shape: BlockShape, static: dict[str, torch.Tensor]) -> torch.Tensor:
         """A shape's first step, where compiling happens (forward and backward). If that fails (no C
-        compiler for Triton, a model it cannot trace), the run goes on without compiling: nothing has
-        been updated yet, the grads are zeroed again. A failure that is not compiling's fails again."""
+        compiler for Triton, a model it cannot trace), the run goes on with the plain layers: nothing
+        has been updated yet, the grads are zeroed again. A failure that is not compiling's fails again."""
         try:
             loss = self._loss_and_grads(shape, static)
         except torch.OutOfMemoryError:
@@ -356,10 +386,11 @@ class CudaGraphStep:
         except Exception as e:
             if self.regions is None:
                 raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training without it",
+            what = "torch.compile" if isinstance(self.regions, CompiledRegions) else "the fused layer kernels"
+            warnings.warn(f"{what} failed ({type(e).__name__}: {str(e)[:300]}); training without it",
                           stacklevel=2)
             self.regions = None
-            self.description = "CUDA graphs (torch.compile failed, so not used)"
+            self.description = f"CUDA graphs ({what} failed, so not used)"
             loss = self._loss_and_grads(shape, static)
         self._update()
         return loss
@@ -478,7 +509,7 @@ def _triton_kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n"])
+    @triton.jit  # n specialised (a multiple of 16 for Qwen2.5 and the warm-up's 16): vectorised loads
     def adamw_bf16(p_ptr, g_ptr, m_ptr, v_ptr, lr_ptr, step_ptr, n, beta1, beta2, log2_beta1, log2_beta2, eps, wd,
                    BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -536,25 +567,40 @@ def _triton_kernels():
 
 
 _warm_up: list[threading.Thread] = []
+warm_up_seconds: dict[str, float] = {}  # the last warm-up's parts and how long each took
 
 
-def start_warm_up(device: torch.device, compile_regions: bool) -> None:
-    """Build the Triton kernels (and, when compiling, import torch.compile and start its worker
-    processes) on a thread, while the engine reads the data and loads the model. Cold, these are
-    ~4 s that would otherwise come one after the other. A failure here is left for the main thread
-    to meet again and report; `wait_for_warm_up` comes before any use."""
+def start_warm_up(device: torch.device, dtype: torch.dtype, layers_of: str | None) -> None:
+    """Build the Triton kernels on a thread while the engine reads the data and loads the model, and,
+    given the model (`layers_of`, its spec), get its layers ready: build the fused-layer kernels for a
+    Qwen2 model, or import torch.compile and start its worker processes for another. Cold, these are
+    several seconds that would otherwise come one after the other. A failure here is left for the
+    main thread to meet again and report; `wait_for_warm_up` comes before any use."""
+    def layers() -> None:
+        from transformers import AutoConfig
+
+        from .fused_layer import build_layer_kernels, fusable
+        from .models import resolve_spec
+
+        if fusable(AutoConfig.from_pretrained(resolve_spec(layers_of))):  # no remote code on this thread
+            build_layer_kernels(device, dtype)
+            return
+        from torch._inductor.async_compile import maybe_warm_pool
+        from torch._inductor.compile_fx import compile_fx  # noqa: F401  (the import is the work)
+
+        maybe_warm_pool()
+
     def run() -> None:
-        try:
-            with torch.cuda.device(device):
-                build_kernels(device)
-                torch.cuda.synchronize(device)
-            if compile_regions:
-                from torch._inductor.async_compile import maybe_warm_pool
-                from torch._inductor.compile_fx import compile_fx  # noqa: F401  (the import is the work)
-
-                maybe_warm_pool()
-        except Exception:  # noqa: BLE001
-            pass
+        warm_up_seconds.clear()
+        for name, work in (("kernels", lambda: build_kernels(device, dtype)), ("layers", layers if layers_of else None)):
+            t0 = time.perf_counter()
+            try:
+                if work:
+                    with torch.cuda.device(device):
+                        work()
+                    warm_up_seconds[name] = time.perf_counter() - t0
+            except Exception:  # noqa: BLE001
+                pass
 
     thread = threading.Thread(target=run, name="fastpath-warm-up", daemon=True)
     thread.start()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ruozhi_ui.data import Record
-from ruozhi_ui.encoding import (IGNORE_INDEX, collate_packed, collate_padded, encode_prompt, encode_record,
-                                end_of_turn_id, length_grouped_batches, render_prompt)
+from ruozhi_ui.encoding import (IGNORE_INDEX, batch_token_ids, collate_packed, collate_padded, encode_prompt,
+                                encode_record, encode_records, end_of_turn_id, length_grouped_batches, render_prompt)
 from ruozhi_ui.loss import batch_loss_sum, label_positions
 
 SYSTEM = "你是一个有帮助的助手"
@@ -112,3 +112,29 @@ def test_length_grouped_batches_cover_every_example_once():
     assert batches == length_grouped_batches(lengths, batch_size=2, seed=3)
     # sorted within a chunk, so pairs hold neighbours in length
     assert max(abs(lengths[b[0]] - lengths[b[-1]]) for b in batches) <= 1
+
+
+@pytest.mark.parametrize("max_source, max_target", [(62, 151), (20, 6)])
+def test_encoding_a_batch_gives_what_encoding_each_record_gives(tokenizer, max_source, max_target):
+    records = RECORDS + [Record("", "没有问题也有回答"), Record("很长的问题" * 20, "很长的回答" * 20)]
+    batch = encode_records(tokenizer, records, SYSTEM, max_source, max_target)
+    for record, example in zip(records, batch, strict=True):
+        prompt, truncated = encode_prompt(tokenizer, record, SYSTEM, max_source)
+        answer = tokenizer(record.output, add_special_tokens=False).input_ids
+        assert example.input_ids == prompt + answer[:max_target] + [end_of_turn_id(tokenizer)]
+        assert example.prompt_len == len(prompt) and example.prompt_truncated == truncated
+        assert example.answer_truncated == (len(answer) > max_target)
+    assert batch[-1].prompt_truncated
+    assert batch[0].answer_truncated == (max_target == 6)
+    assert encode_records(tokenizer, [], SYSTEM, max_source, max_target) == []
+
+
+def test_batch_token_ids_are_the_tokenizer_s_own_with_or_without_its_backend(tokenizer, monkeypatch):
+    texts = ["为什么天空是蓝色的", "<|im_start|>user\n鱼会不会口渴<|im_end|>", ""]
+    expected = tokenizer(texts, add_special_tokens=False).input_ids
+    assert batch_token_ids(tokenizer, texts) == expected
+    tokenizer.backend_tokenizer.enable_truncation(3)  # a backend that truncates: go through transformers
+    try:
+        assert batch_token_ids(tokenizer, texts) == expected
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
