@@ -72,7 +72,7 @@ class TrainConfig:
     resume_from: str = ""  # checkpoint folder to continue from ("" = fresh run)
     device: str = "auto"  # "auto", "cpu", "cuda"
     cuda_graphs: str = "auto"  # "auto"/"on": full-parameter steps on CUDA run as replayed CUDA graphs; "off": eager
-    torch_compile: str = "auto"  # "auto": inside those graphs, decoder layers and loss head are compiled; "off"
+    torch_compile: str = "auto"  # "auto": inside those graphs, fused-kernel (Qwen2) or compiled decoder layers; "off"
     save_resume_state: bool = True  # keep optimizer/RNG state (2x the model) with the newest checkpoint for resume
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit; for smoke tests)
 

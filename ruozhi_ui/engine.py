@@ -110,7 +110,8 @@ def uses_cuda_graphs(cfg: TrainConfig, prec: Precision) -> bool:
             and cfg.grad_accum_steps == 1)
 
 
-def compiles_layers(cfg: TrainConfig) -> bool:
+def uses_fast_layers(cfg: TrainConfig) -> bool:
+    """Inside the CUDA graphs, decoder layers with fused kernels (Qwen2) or compiled (others): both need Triton."""
     from .fastpath import triton_available
 
     return cfg.torch_compile == "auto" and triton_available()
@@ -120,7 +121,7 @@ def choose_stepper(model, optimizer, cfg: TrainConfig, prec: Precision, pad_toke
     if uses_cuda_graphs(cfg, prec):
         from .fastpath import CudaGraphStep
 
-        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, compiles_layers(cfg))
+        return CudaGraphStep(model, optimizer, cfg, pad_token_id, prec.device, uses_fast_layers(cfg))
     return EagerStep(model, optimizer, cfg, prec, pad_token_id)
 
 
@@ -355,8 +356,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     if uses_cuda_graphs(cfg, prec):  # kernels build while the data and model load
         from .fastpath import start_warm_up
 
-        layers_ready = compiles_layers(cfg) and not cfg.model.trust_remote_code
-        start_warm_up(device, prec.weight_dtype, cfg.model.spec if layers_ready else None)
+        fast_layers = uses_fast_layers(cfg) and not cfg.model.trust_remote_code
+        start_warm_up(device, prec.weight_dtype, cfg.model.spec if fast_layers else None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)

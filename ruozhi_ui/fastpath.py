@@ -11,14 +11,16 @@ needs no attention mask, which lets SDPA use its flash kernel
 (`use_causal_only_attention`). An epoch's blocks are built on the CPU once and
 copied to the GPU in one transfer.
 
-Inside the graph, the decoder layer's forward is one `torch.compile` region shared
-by all 24 layers and dynamic in rows and length (one compile, cached on disk for the next
-run), and the LM head's loss and gradients are computed together a chunk at a time
+Inside the graph, a Qwen2 decoder layer runs with hand-fused Triton kernels
+(`fused_layer.py`: no compile on a cold start); another architecture's layer forward
+is one `torch.compile` region shared by all its layers and dynamic in rows and length
+(one compile, cached on disk for the next run). The LM head's loss and gradients are
+computed together a chunk at a time
 (`head_loss_and_grads`), the softmax and its gradient by one Triton kernel
 (`fused_head_chunk`): only one chunk of logits ever exists. Blocks longer than
 `TOKEN_BUDGET` tokens run as two halves within the step, which bounds the peak
 memory. The optimizer is one fused Triton kernel over flat weight/grad/moment
-buffers (`FlatAdamWBF16`). The kernels are built, and torch.compile made ready, on a
+buffers (`FlatAdamWBF16`). The kernels are built (or torch.compile made ready) on a
 thread while the engine reads data and loads the model (`start_warm_up`). Only the
 engine uses this, and only on CUDA; the CPU path never imports it.
 """

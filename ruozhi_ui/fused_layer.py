@@ -1,20 +1,21 @@
-"""The Qwen2 decoder layer, forward and backward, with three small fused kernels instead of torch.compile.
+"""The Qwen2 decoder layer, forward and backward, with small fused kernels instead of torch.compile.
 
-Eagerly, a Qwen2 layer's RMSNorms, rotary embedding and SwiGLU are ~80 small
+Eagerly, a Qwen2 layer's RMSNorms, rotary embedding and SwiGLU are dozens of small
 kernels a layer (forward and backward); torch.compile fuses them, but compiling
 costs ~10 s of every cold start, a third of a whole 3-epoch run here. These
 autograd Functions do the same fusions by hand, with Triton kernels that build
-in about a second:
+in about two seconds, on the warm-up thread:
   - `rms_norm`: one kernel forward, one backward (the weight gradient as per-program
     partial sums, then one sum);
   - `rotary`: one kernel for q and one for k, forward and backward (the backward is
     the same rotation by the opposite angle);
   - `swiglu_down`: down_proj(silu(gate) * up), which keeps only gate and up for the
-    backward and recomputes the product there (the layer's largest activation).
-The matrix products and attention stay PyTorch's (cuBLAS, flash attention). Off
-CUDA the same Functions run plain torch, which is what the CPU tests check the
-layer's wiring with. `FusedLayers.active()` swaps the layers' forward in, as
-`fastpath.CompiledRegions` does for the compiled one.
+    backward and recomputes the product there, in the pass that computes their
+    gradients (the product is the layer's largest activation).
+q, k and v are one GEMM. The matrix products and attention stay PyTorch's (cuBLAS,
+flash attention). Off CUDA the same Functions run plain torch, which is what the
+CPU tests check the layer's wiring with. `FusedLayers.active()` swaps the layers'
+forward in, as `fastpath.CompiledRegions` does for the compiled one.
 """
 
 from __future__ import annotations
