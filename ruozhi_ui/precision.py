@@ -126,7 +126,12 @@ class AdamWBF16(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         step = state_dict.pop("step_t", None)
-        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)  # casts every state tensor to its weight's dtype: bf16
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, moments in saved.items():  # the moments stay fp32, as saved
+            for name in ("exp_avg", "exp_avg_sq"):
+                self.state[params[index]][name] = moments[name].to(params[index].device, torch.float32)
         if step is not None:
             self.step_t.copy_(step)
 

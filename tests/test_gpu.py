@@ -77,6 +77,49 @@ def test_app_jobs_train_on_cuda_in_their_thread_twice_with_background_epoch_chec
         AutoModelForCausalLM.from_pretrained(snap.checkpoints[0].path)
 
 
+def test_the_flat_optimizer_state_loaded_into_a_new_optimizer_gives_the_same_next_update():
+    import copy
+
+    from ruozhi_ui.fastpath import FlatAdamWBF16
+
+    torch.manual_seed(0)
+    first = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16)) for n in (1000, 37, 4096)]
+    grads = [[torch.randn_like(p) for p in first] for _ in range(4)]
+    optimizer = FlatAdamWBF16(first, lr=1e-3)
+    for step_grads in grads[:3]:
+        for p, g in zip(first, step_grads):
+            p.grad.copy_(g)
+        optimizer.step()
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    resumed = FlatAdamWBF16(second, lr=1e-3)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for opt, params in ((optimizer, first), (resumed, second)):
+        for p, g in zip(params, grads[3]):
+            p.grad.copy_(g)
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # moments, step count and noise all restored
+    assert torch.equal(optimizer.exp_avg_sq, resumed.exp_avg_sq) and resumed.step_t.item() == 4
+
+
+def test_a_stopped_cuda_run_resumes_on_the_uninterrupted_loss_curve(tmp_path):
+    import threading
+
+    cfg = dataclasses.replace(CFG, device="cuda", epochs=2, save_resume_state=True, log_every_steps=1)
+    whole, _ = step_losses(cfg, tmp_path / "whole")
+    stop, first = threading.Event(), ListSink()
+
+    def stop_mid_second_epoch(event):
+        first(event)
+        if isinstance(event, StepLogged) and event.step == len(whole) // 2 + 1:
+            stop.set()
+
+    stopped_at = train(cfg, emit=stop_mid_second_epoch, stop_event=stop, runs_root=tmp_path / "parts")
+    rest, _ = step_losses(dataclasses.replace(cfg, resume_from=str(stopped_at)), tmp_path / "parts")
+    got = [e.loss for e in first.of(StepLogged)] + rest
+    assert len(first.of(StepLogged)) == len(whole) // 2 + 1 and len(got) == len(whole)
+    assert got == pytest.approx(whole, rel=2e-2)
+
+
 def test_the_triton_head_kernel_gives_the_torch_head_chunk_loss_and_gradient():
     """Same cross-entropy and scale * (softmax - one_hot) as the plain-torch chunk, ignored targets zeroed."""
     from ruozhi_ui.encoding import IGNORE_INDEX
