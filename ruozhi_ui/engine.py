@@ -356,8 +356,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     if uses_cuda_graphs(cfg, prec):  # kernels build while the data and model load
         from .fastpath import start_warm_up
 
-        fast_layers = uses_fast_layers(cfg) and not cfg.model.trust_remote_code
-        start_warm_up(device, prec.weight_dtype, cfg.model.spec if fast_layers else None)
+        start_warm_up(device, prec.weight_dtype, uses_fast_layers(cfg),
+                      None if cfg.model.trust_remote_code else cfg.model.spec)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)

@@ -309,7 +309,7 @@ class CudaGraphStep:
         wait_for_warm_up()
         on_gpu_with_triton = device.type == "cuda" and triton_available()
         self.regions, layers = None, ""
-        if compile_regions and on_gpu_with_triton and fusable(model.config):
+        if compile_regions and on_gpu_with_triton and fusable(model.config) and not cfg.model.trust_remote_code:
             self.regions, layers = FusedLayers(model), " + fused Triton layer kernels"
         elif compile_regions:
             self.regions, layers = CompiledRegions(model), " + torch.compile (the first steps compile)"
@@ -572,20 +572,22 @@ _warm_up: list[threading.Thread] = []
 warm_up_seconds: dict[str, float] = {}  # the last warm-up's parts and how long each took
 
 
-def start_warm_up(device: torch.device, dtype: torch.dtype, layers_of: str | None) -> None:
+def start_warm_up(device: torch.device, dtype: torch.dtype, fast_layers: bool, model_spec: str | None) -> None:
     """Build the Triton kernels on a thread while the engine reads the data and loads the model, and,
-    given the model (`layers_of`, its spec), get its layers ready: build the fused-layer kernels for a
-    Qwen2 model, or import torch.compile and start its worker processes for another. Cold, these are
-    several seconds that would otherwise come one after the other. A failure here is left for the
-    main thread to meet again and report; `wait_for_warm_up` comes before any use."""
+    with `fast_layers`, get the layers ready: build the fused-layer kernels when the model (`model_spec`;
+    None for remote code, which is never fused) is a Qwen2, or else import torch.compile and start its
+    worker processes. Cold, these are several seconds that would otherwise come one after the other.
+    A failure here is left for the main thread to meet again and report; `wait_for_warm_up` comes
+    before any use."""
     def layers() -> None:
         from transformers import AutoConfig
 
         from .fused_layer import build_layer_kernels, fusable
         from .models import resolve_spec
 
-        if fusable(AutoConfig.from_pretrained(resolve_spec(layers_of))):  # no remote code on this thread
-            build_layer_kernels(device, dtype)
+        config = AutoConfig.from_pretrained(resolve_spec(model_spec)) if model_spec else None
+        if config is not None and fusable(config):
+            build_layer_kernels(device, dtype, config)
             return
         from torch._inductor.async_compile import maybe_warm_pool
         from torch._inductor.compile_fx import compile_fx  # noqa: F401  (the import is the work)
@@ -594,7 +596,7 @@ def start_warm_up(device: torch.device, dtype: torch.dtype, layers_of: str | Non
 
     def run() -> None:
         warm_up_seconds.clear()
-        for name, work in (("kernels", lambda: build_kernels(device, dtype)), ("layers", layers if layers_of else None)):
+        for name, work in (("kernels", lambda: build_kernels(device, dtype)), ("layers", layers if fast_layers else None)):
             t0 = time.perf_counter()
             try:
                 if work:

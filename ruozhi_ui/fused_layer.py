@@ -203,14 +203,21 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def build_layer_kernels(device: torch.device, dtype: torch.dtype) -> None:
-    """Compile (or load from the disk cache) every kernel here with tiny launches, forward and backward."""
-    x = torch.randn(1, 16, 64, device=device, dtype=dtype, requires_grad=True)
-    w = torch.ones(64, device=device, dtype=dtype, requires_grad=True)
-    q = torch.randn(1, 16, 2, 64, device=device, dtype=dtype, requires_grad=True)
-    cos, sin = torch.ones(16, 64, device=device, dtype=dtype), torch.zeros(16, 64, device=device, dtype=dtype)
-    down = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
-    (rms_norm(x, w, 1e-6).sum() + rotary(q, cos, sin).sum() + swiglu_down(x, x, down).sum()).backward()
+def build_layer_kernels(device: torch.device, dtype: torch.dtype, config) -> None:
+    """Compile (or load from the disk cache) every kernel here, forward and backward, with one short
+    row of the model's own sizes: Triton builds a kernel per block size and per argument alignment,
+    so smaller stand-ins would leave the real variants to be built in the first training step."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    tensor = lambda *shape, grad=True: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+    x, w = tensor(1, 16, config.hidden_size), tensor(config.hidden_size)
+    qkv = tensor(1, 16, heads + 2 * kv_heads, head_dim)  # q and k as slices of a wider row, as in the layer
+    cos, sin = tensor(16, head_dim, grad=False), tensor(16, head_dim, grad=False)
+    gate, up = tensor(1, 16, config.intermediate_size), tensor(1, 16, config.intermediate_size)
+    down = tensor(config.hidden_size, config.intermediate_size)
+    outputs = (rms_norm(x, w, 1e-6), rotary(qkv[:, :, :heads], cos, sin),
+               rotary(qkv[:, :, heads:heads + kv_heads], cos, sin), swiglu_down(gate, up, down))
+    torch.autograd.backward([o.sum() for o in outputs])
 
 
 _KERNELS: list = []

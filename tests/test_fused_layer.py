@@ -5,7 +5,7 @@ own layer, and its Triton kernels on CUDA against the same Functions' torch path
 import pytest
 import torch
 
-from ruozhi_ui.fused_layer import FusedLayers, fusable, rms_norm, rotary, swiglu_down
+from ruozhi_ui.fused_layer import FusedLayers, build_layer_kernels, fusable, rms_norm, rotary, swiglu_down
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 
@@ -47,6 +47,22 @@ def test_only_plain_causal_qwen2_configs_are_fused(demo_model):
     from transformers import LlamaConfig
 
     assert not fusable(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4))
+
+
+def test_the_warm_up_runs_every_function_at_the_model_s_sizes_forward_and_backward(demo_model, monkeypatch):
+    """On CUDA this builds each kernel variant training needs (Triton builds one per block size)."""
+    import ruozhi_ui.fused_layer as fused
+
+    rotated, products = [], []
+    real_rotate, real_swiglu = fused._rotate, fused._swiglu
+    monkeypatch.setattr(fused, "_rotate", lambda x, *a: rotated.append((x.shape[2:], a[-1])) or real_rotate(x, *a))
+    monkeypatch.setattr(fused, "_swiglu", lambda g, u: products.append(g.shape[-1]) or real_swiglu(g, u))
+    config = demo_model.config
+    build_layer_kernels(torch.device("cpu"), torch.float32, config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    q, kv = (config.num_attention_heads, head_dim), (config.num_key_value_heads, head_dim)
+    assert sorted(rotated) == sorted([(q, 1.0), (kv, 1.0), (q, -1.0), (kv, -1.0)])  # forward and backward
+    assert products == [config.intermediate_size] * 2  # forward, and the backward's recomputation
 
 
 @cuda
