@@ -187,10 +187,19 @@ class CompiledRegions:
 
     @contextmanager
     def active(self):
+        import torch._inductor.config as inductor_config
+        from torch.fx.experimental import _config as shape_config
+
         for layer in self.layers:
             layer.forward = functools.partial(self.layer_forward, layer)
         try:
-            with compile_settings():
+            # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
+            # is not merged with it, which would pin the compiled graph to that length.
+            # One launch configuration per pointwise kernel, not several benchmarked on first use:
+            # ~3 s less of a cold start, no slower here.
+            with shape_config.patch(use_duck_shape=False), \
+                    torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET), \
+                    inductor_config.patch({"triton.autotune_pointwise": False}):
                 yield
         finally:
             for layer in self.layers:
@@ -203,31 +212,6 @@ def compiled_layer_forward(layer_class: type, backend: str = "inductor"):
     guarded on shapes, dtypes and config values, not on which layer or model, so a second run in
     the app's process reuses the first's compile without tracing again."""
     return torch.compile(layer_class.forward, backend=backend)
-
-
-@contextmanager
-def compile_settings():
-    """What every compile of the layer runs under."""
-    import torch._inductor.config as inductor_config
-    from torch.fx.experimental import _config as shape_config
-
-    # Without duck sizing a first length that equals a model dimension (e.g. 64 = head_dim)
-    # is not merged with it, which would pin the compiled graph to that length.
-    # One launch configuration per pointwise kernel, not several benchmarked on first use:
-    # ~3 s less of a cold start, no slower here.
-    with shape_config.patch(use_duck_shape=False), \
-            torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET), \
-            inductor_config.patch({"triton.autotune_pointwise": False}):
-        yield
-
-
-def training_attention():
-    """PyTorch's attention without its cuDNN kernel: cuDNN builds a plan for every new shape (~0.2 s
-    each, and training buckets plus validation batches make dozens), flash attention needs none and
-    runs these steps as fast."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True)
