@@ -28,3 +28,13 @@ class JobConflict(RuozhiError):
 
 class GenerationError(RuozhiError):
     """A prompt or checkpoint cannot be used for generation."""
+
+
+class PolicyError(RuozhiError):
+    """The app's mode does not allow this (a server path, a model off the allowlist, a limit)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name: what a one-line report shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
