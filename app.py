@@ -1,7 +1,7 @@
 """Entry point of ruozhi-sft studio (also the Hugging Face Space's app_file).
 
-    python app.py                   # http://127.0.0.1:7860
-    python app.py --host 0.0.0.0    # or RUOZHI_HOST=0.0.0.0; a Space binds 0.0.0.0 itself
+    python app.py                   # http://127.0.0.1:7860, local mode (one trusted user)
+    python app.py --host 0.0.0.0    # or RUOZHI_HOST=0.0.0.0; public mode, as on a Space (RUOZHI_MODE overrides)
 Builds the UI with `ruozhi_ui.ui.shell.build_app()` and launches it with the shared
 LAUNCH_KWARGS. torch/transformers load lazily, on the first handler that needs them.
 """
@@ -38,10 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
 
+    from ruozhi_ui.checkpoints import runs_root
+    from ruozhi_ui.policy import policy_from_env
     from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
 
-    demo = build_app()
-    demo.launch(server_name=pick_host(args.host), server_port=args.port, **LAUNCH_KWARGS)
+    host = pick_host(args.host)
+    policy = policy_from_env(runs_root(), host)  # public on a Space or any non-loopback host; RUOZHI_MODE decides
+    print(f"ruozhi-sft studio: {policy.mode} mode on {host}:{args.port}")
+    demo = build_app(policy=policy)
+    demo.launch(server_name=host, server_port=args.port, **LAUNCH_KWARGS)
 
 
 if __name__ == "__main__":

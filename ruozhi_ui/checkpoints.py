@@ -24,6 +24,8 @@ from .errors import ConfigError
 
 MAX_RUN_NAME = 64
 TRAINING_STATE = "training_state.pt"
+UPLOADS_DIR = ".uploads"  # a runs folder's uploaded data files (a run name never starts with '.')
+VISITORS_DIR = ".visitors"  # public mode: one runs folder per visitor under here
 
 
 def runs_root() -> Path:

@@ -191,8 +191,12 @@ class Printer:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoints import runs_root
 
+    from .policy import policy_from_env
+
     root, run_name = split_output(args.output, runs_root())
-    cfg = build_train_config(args, run_name)
+    # The person at the shell is the machine's operator: local mode, with the operator's limits.
+    policy = policy_from_env(root, mode="local")
+    cfg = policy.check_train_config(build_train_config(args, run_name), policy.visitor())
     # The engine loads the tokenizer and the data before the model and raises a
     # RuozhiError for a bad path or spec, so those fail in seconds, as one line (main).
     from .engine import train

@@ -4,7 +4,8 @@ One source string selects where records come from: "sample" (bundled in
 assets/), a local .json (list) or .jsonl file in alpaca or chat format, or a
 Hugging Face dataset id ("owner/name", optionally "owner/name@file.json").
 Files are parsed as data only (json), never executed or unpickled. Every bad
-record is reported with its file, index or line, and field.
+record is reported with its file, index or line, and field: malformed JSON, nesting
+too deep, numbers too long, strings that are not valid Unicode (lone surrogates).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataFormatError
+from . import specs
+from .errors import DataFormatError, first_line
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_DIR = ASSETS / "sample"
@@ -58,6 +60,10 @@ def _string_field(obj: dict, key: str, where: str, required: bool = True) -> str
         raise DataFormatError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataFormatError(f"{where}: field '{key}' is empty")
+    bad = next((c for c in value if "\ud800" <= c <= "\udfff" or c == "\x00"), None)
+    if bad is not None:  # a lone surrogate cannot be encoded as UTF-8: the tokenizer and every page would fail later
+        what = "a NUL character" if bad == "\x00" else f"an invalid character (lone surrogate U+{ord(bad):04X})"
+        raise DataFormatError(f"{where}: field '{key}' contains {what}; fix the file's text")
     return value
 
 
@@ -114,11 +120,24 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def read_records_file(path: str | Path) -> list[Record]:
-    """Parse a .json (a list of records) or .jsonl (one record per line) file."""
+def _parse_json(text: str, name: str, line: int | None = None):
+    """json.loads with every way it can fail reported as one DataFormatError line."""
+    at = f"{name}: line {line}" if line else name
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{name}: line {line or e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataFormatError(f"{at}: the JSON is nested too deeply to be a record") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise DataFormatError(f"{at}: invalid JSON value ({first_line(e)})") from None
+
+
+def read_records_file(path: str | Path, shown_name: str | None = None) -> list[Record]:
+    """Parse a .json (a list of records) or .jsonl (one record per line) file; messages name it `shown_name`."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"{path}: no such file")
+        raise DataFormatError(f"{shown_name or path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise DataFormatError(f"{path.name}: unsupported file type '{suffix}'; use .json (a list) or .jsonl (one object per line)")
@@ -126,18 +145,10 @@ def read_records_file(path: str | Path) -> list[Record]:
     records = []
     if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path.name}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
-            records.append(parse_record(obj, f"{path.name}: line {n}"))
+            if line.strip():
+                records.append(parse_record(_parse_json(line, path.name, n), f"{path.name}: line {n}"))
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path.name}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        data = _parse_json(text, path.name)
         if not isinstance(data, list):
             raise DataFormatError(f"{path.name}: the top level must be a list of records, got {type(data).__name__}; for one record per line use .jsonl")
         records = [parse_record(obj, f"{path.name}: record {i}") for i, obj in enumerate(data)]
@@ -166,15 +177,33 @@ def count_duplicates(records: list[Record]) -> int:
     return dup
 
 
-def _load_hub(source: str) -> tuple[dict[str, list[Record]], str]:
-    """Load a Hub dataset with `datasets`; returns {split: records}."""
+def hub_dataset_bytes(repo: str, data_file: str | None) -> int | None:
+    """The bytes `load_dataset` would download (that one file, or the repo's data files), or None when the
+    Hub cannot say (offline: the cache decides)."""
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().dataset_info(repo, files_metadata=True, timeout=10)
+    except Exception:  # noqa: BLE001 - offline, gated: load_dataset reports it, or the cache serves it
+        return None
+    files = [f for f in info.siblings or [] if (f.rfilename == data_file if data_file else not f.rfilename.startswith("."))]
+    return sum(f.size or 0 for f in files)
+
+
+def _load_hub(source: str, max_bytes: int | None = None) -> tuple[dict[str, list[Record]], str]:
+    """Load a Hub dataset with `datasets`; returns {split: records}. `max_bytes` refuses a bigger download."""
     import datasets  # heavy: only when the Hub path is taken
 
-    repo, _, data_file = source.partition("@")
+    repo, data_file = specs.split_hub_dataset(source)
+    if max_bytes is not None:
+        size = hub_dataset_bytes(repo, data_file)
+        if size is not None and size > max_bytes:
+            raise DataFormatError(f"{source}: the dataset is {size / 2**20:.0f} MB, over this app's "
+                                  f"{max_bytes // 2**20} MB limit; pick one file with 'owner/name@file.json'")
     try:
-        ds = datasets.load_dataset(repo, data_files=data_file or None)
+        ds = datasets.load_dataset(repo, data_files=data_file)
     except Exception as e:  # offline, missing repo, gated, bad files: all end here
-        cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        cause = f"{type(e).__name__}: {first_line(e)}"
         raise DataFormatError(
             f"Could not load the Hub dataset '{source}' ({cause}). If this machine is offline or the id is wrong, "
             "use the bundled sample ('sample') or upload a .json/.jsonl file.") from None
@@ -184,22 +213,32 @@ def _load_hub(source: str) -> tuple[dict[str, list[Record]], str]:
     return splits, f"{repo} ({', '.join(f'{k}: {len(v)}' for k, v in splits.items())})"
 
 
-def load_source(source: str, val_fraction: float = 0.05, seed: int = 42) -> DatasetSplits:
-    """Resolve a source string to train/validation records (raises DataFormatError)."""
+def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads_dir: Path | None = None,
+                max_hub_bytes: int | None = None) -> DatasetSplits:
+    """Resolve a source string to train/validation records (raises DataFormatError).
+
+    `upload:<name>` reads `uploads_dir/<name>`; who may name which source is the policy's
+    business (policy.check_data_source), done before this is called.
+    """
     source = source.strip()
     if not source:
         raise DataFormatError("No dataset source given: use 'sample', a .json/.jsonl file, or a Hub id")
     notes = []
-    if source == "sample":
+    kind = specs.data_kind(source)
+    if kind == "sample":
         train = read_records_file(SAMPLE_DIR / "train.json")
         val = read_records_file(SAMPLE_DIR / "val.json")
         origin, val_from_source = "bundled sample (assets/sample)", True
-    elif source.lower().endswith((".json", ".jsonl")) or Path(source).exists():
-        records = read_records_file(source)
+    elif kind in ("upload", "path"):
+        name = specs.upload_name(source) if kind == "upload" else Path(source).name
+        if kind == "upload" and (uploads_dir is None or Path(name).name != name):
+            raise DataFormatError(f"No uploaded file '{name}' here: upload it again")
+        path = Path(uploads_dir) / name if kind == "upload" else Path(source).expanduser()
+        records = read_records_file(path, shown_name=name if kind == "upload" else None)
         train, val = split_records(records, val_fraction, seed)
-        origin, val_from_source = str(Path(source).name), False
-    elif "/" in source and not source.startswith((".", "/")):
-        splits, origin = _load_hub(source)
+        origin, val_from_source = name, False
+    elif kind == "hub":
+        splits, origin = _load_hub(source, max_hub_bytes)
         train = splits.get("train") or next(iter(splits.values()), [])
         val_name = next((n for n in ("validation", "valid", "val", "test") if n in splits), None)
         if val_name:
@@ -208,8 +247,8 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42) -> Data
             train, val = split_records(train, val_fraction, seed)
             val_from_source = False
     else:
-        raise DataFormatError(
-            f"'{source}' is neither 'sample', an existing .json/.jsonl file, nor a Hub id like 'owner/name'")
+        raise DataFormatError(f"'{source}' is neither 'sample', an existing .json/.jsonl file, nor a Hub id like "
+                              "'owner/name' (optionally 'owner/name@file.json')")
     if not train:
         raise DataFormatError(f"{source}: no training records")
     duplicates = count_duplicates(train + val)

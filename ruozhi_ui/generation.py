@@ -13,19 +13,20 @@ import dataclasses
 import itertools
 import queue
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from . import specs
+from .cache import LoadingLRU
 from .config import GenConfig, TrainConfig, load_config
 from .data import Record
 from .encoding import collate_padded, encode_record, end_of_turn_id, pad_id, render_prompt
-from .errors import GenerationError, ModelLoadError
+from .errors import GenerationError, ModelLoadError, first_line
 from .loss import batch_loss_sum, label_positions
-from .models import describe_spec, is_demo, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
+from .models import describe_spec, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
 
 MAX_CACHED_MODELS = 3  # base + tuned + one more to switch back to; each Qwen2.5-0.5B is ~2 GB in fp32
 RUN_CONFIG = "run_config.json"
@@ -41,12 +42,7 @@ class LoadedModel:
     trained_from: str | None = None  # the base spec a checkpoint was trained from (run_config.json)
 
 
-# ---------------------------------------------------------------- model cache
-
-_cache: OrderedDict[tuple, LoadedModel] = OrderedDict()  # key -> model, least recently used first
-_cache_lock = threading.Lock()  # guards _cache and _key_locks
-_key_locks: dict[tuple, threading.Lock] = {}  # one per key: two threads never load the same weights twice
-
+# ---------------------------------------------------------------- models
 
 def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and ((path / RUN_CONFIG).is_file() or (path / "adapter_config.json").is_file())
@@ -68,19 +64,20 @@ def checkpoint_system_prompt(path: str | Path) -> str | None:
     return cfg.data.system_prompt if cfg else None
 
 
-def describe_checkpoint(path: str | Path) -> str:
-    """'tuned: <path> (full, from demo)': what a tuned pane's label names, before or after loading."""
+def describe_checkpoint(path: str | Path, shown: str | None = None) -> str:
+    """'tuned: <shown or path> (full, from demo)': what a tuned pane's label names, before or after loading."""
     path = Path(path)
     cfg = checkpoint_config(path) if path.is_dir() else None
+    shown = shown or str(path)
     if cfg is None:
-        return f"tuned: {path}"
+        return f"tuned: {shown}"
     if (path / "adapter_config.json").is_file():
         how = f"LoRA r={cfg.lora_rank} on {cfg.model.spec}"
     elif cfg.method == "lora":
         how = f"LoRA merged, from {cfg.model.spec}"
     else:
         how = f"full, from {cfg.model.spec}"
-    return f"tuned: {path} ({how})"
+    return f"tuned: {shown} ({how})"
 
 
 def describe_base(spec: str) -> str:
@@ -89,8 +86,7 @@ def describe_base(spec: str) -> str:
 
 def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> LoadedModel:
     path = Path(spec).expanduser()
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.exists()
-    if looks_like_path and not is_demo(spec) and not path.exists():
+    if specs.model_kind(spec) == "path" and not path.exists():
         raise ModelLoadError(f"Checkpoint folder '{spec}' does not exist (deleted or moved?): "
                              "press refresh and pick another checkpoint")
     dtype = pick_dtype(device)
@@ -113,8 +109,7 @@ def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> 
         try:
             model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
         except Exception as e:  # shape mismatch, missing/damaged adapter file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"LoRA adapter '{path}' does not fit its base '{trained_from}': {first}. "
+            raise ModelLoadError(f"LoRA adapter '{path}' does not fit its base '{trained_from}': {first_line(e)}. "
                                  "Pick a checkpoint trained from a model that is available here") from None
         return LoadedModel(model.eval(), tokenizer, describe_checkpoint(path), str(path), "lora", trained_from)
     model = load_model(str(path), device, dtype, trust_remote_code=trust_remote_code).eval()
@@ -122,43 +117,32 @@ def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> 
 
 
 def _cache_key(spec: str, device: torch.device, trust_remote_code: bool) -> tuple:
-    path = Path(spec).expanduser()
-    where = str(path.resolve()) if path.exists() else resolve_spec(spec) if is_demo(spec) else spec.strip()
+    kind = specs.model_kind(spec)
+    where = resolve_spec(spec) if kind == "demo" else str(Path(spec).expanduser().resolve()) if kind == "path" else spec
     return where, str(device), trust_remote_code
 
 
-def get_model(spec_or_path: str, device: torch.device | str | None = None,
-              trust_remote_code: bool = False) -> LoadedModel:
-    """The loaded model for a spec or checkpoint folder, loading it only the first time."""
-    if not spec_or_path or not str(spec_or_path).strip():
-        raise ModelLoadError("No model given: choose a base model in the top bar and a checkpoint")
-    spec = str(spec_or_path).strip()
-    device = torch.device(device) if device is not None else pick_device()
-    key = _cache_key(spec, device, trust_remote_code)
-    with _cache_lock:
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:  # a second caller of the same key waits here, then finds it cached
-        with _cache_lock:
-            if key in _cache:
-                _cache.move_to_end(key)
-                return _cache[key]
-        loaded = _load_uncached(spec, device, trust_remote_code)
-        with _cache_lock:
-            _cache[key] = loaded
-            while len(_cache) > MAX_CACHED_MODELS:
-                # A pane still generating keeps its reference; the memory goes when it finishes.
-                _cache.popitem(last=False)
-        return loaded
+class ModelCache:
+    """Each distinct set of weights loaded once (an app keeps one of these in its context)."""
 
+    def __init__(self, size: int = MAX_CACHED_MODELS):
+        self._lru = LoadingLRU(size)
 
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    def get(self, spec_or_path: str, device: torch.device | str | None = None,
+            trust_remote_code: bool = False) -> LoadedModel:
+        """The loaded model for a spec or checkpoint folder, loading it only the first time."""
+        if not spec_or_path or not str(spec_or_path).strip():
+            raise ModelLoadError("No model given: choose a base model in the top bar and a checkpoint")
+        spec = str(spec_or_path).strip()
+        device = torch.device(device) if device is not None else pick_device()
+        return self._lru.get(_cache_key(spec, device, trust_remote_code),
+                             lambda: _load_uncached(spec, device, trust_remote_code))
 
+    def clear(self) -> None:
+        self._lru.clear()
 
-def cached_labels() -> list[str]:
-    with _cache_lock:
-        return [m.label for m in _cache.values()]
+    def labels(self) -> list[str]:
+        return [m.label for m in self._lru.values()]
 
 
 def check_pair(base: LoadedModel, tuned: LoadedModel) -> None:
@@ -372,13 +356,3 @@ def validation_loss(loaded: LoadedModel, records: list[Record], system_prompt: s
 
 
 AB_COLUMNS = ["prompt", "reference", "base_answer", "tuned_answer", "base_len", "tuned_len"]
-
-
-def ab_table_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write the A/B rows as CSV with a BOM (utf-8-sig), so Excel shows the Chinese text."""
-    import pandas as pd
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=AB_COLUMNS).to_csv(path, index=False, encoding="utf-8-sig")
-    return path

@@ -5,6 +5,9 @@ thread; engine events are folded into an append-only history under a lock, and
 `snapshot()` hands the UI an immutable `JobSnapshot` whose `version` changes with
 every update (so a timer tick can skip when nothing changed). The UI never
 touches the thread, so a page reload or a second tab re-attaches to the same job.
+Each job has an owner (a public visitor, or "local"): `snapshot_for(owner)` shows a
+visitor only their own jobs, `stop(owner)` stops only theirs, and `busy_for(owner)`
+tells another visitor that the machine is busy and for how long, nothing more.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .checkpoints import runs_root as default_runs_root
 from .config import TrainConfig, config_to_dict, validate
-from .errors import JobConflict, RuozhiError
+from .errors import JobConflict, RuozhiError, first_line
 from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, RunStarted, SampleGenerated,
                      StepLogged)
+from .policy import safe_text
 
 ACTIVE = ("starting", "running", "stopping")
+LOCAL = "local"
+REMEMBERED_OWNERS = 64  # visitors whose last finished job stays on their page after another visitor starts
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class JobSnapshot:
     hint: str = ""
     started_at: float = 0.0  # time.time() when Start was accepted
     finished_at: float = 0.0
+    owner: str = LOCAL  # who started it: "local" or a public visitor's id
 
     @property
     def active(self) -> bool:
@@ -48,6 +56,9 @@ class JobSnapshot:
     @property
     def last_step(self) -> StepLogged | None:
         return self.steps[-1] if self.steps else None
+
+
+IDLE = JobSnapshot(version=0, status="idle")
 
 
 def _default_train(cfg, emit, stop_event, runs_root):
@@ -65,35 +76,54 @@ class JobRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._snap = JobSnapshot(version=0, status="idle")
-        self._events: list[Event] = []
+        self._snap = IDLE
+        self._last_by_owner: OrderedDict[str, JobSnapshot] = OrderedDict()  # each owner's latest job
 
     # --- called from UI / CLI threads -------------------------------------------------
-    def start(self, cfg: TrainConfig) -> JobSnapshot:
+    def start(self, cfg: TrainConfig, owner: str = LOCAL, runs_root: Path | None = None) -> JobSnapshot:
+        """Start `cfg` for `owner`, its run folder under `runs_root` (default: the runner's)."""
         validate(cfg)
         with self._lock:
             if self._snap.status in ACTIVE:
-                raise JobConflict("A training run is already in progress; stop it or wait for it to finish")
+                if self._snap.owner == owner:
+                    raise JobConflict("A training run is already in progress; stop it or wait for it to finish")
+                raise JobConflict(busy_message(self._snap))
             self._stop = threading.Event()
-            self._events = []
             self._snap = JobSnapshot(version=self._snap.version + 1, status="starting",
-                                     config=config_to_dict(cfg), started_at=time.time())
-            self._thread = threading.Thread(target=self._run, args=(cfg, self._stop), name="ruozhi-train", daemon=True)
+                                     config=config_to_dict(cfg), started_at=time.time(), owner=owner)
+            self._remember()
+            root = Path(runs_root) if runs_root else self.runs_root
+            self._thread = threading.Thread(target=self._run, args=(cfg, self._stop, root), name="ruozhi-train",
+                                            daemon=True)
             self._thread.start()
             return self._snap
 
-    def stop(self) -> bool:
-        """Ask the running job to finish its step, save and stop. False when nothing runs."""
+    def stop(self, owner: str | None = None) -> bool:
+        """Ask the running job (only `owner`'s, when given) to finish its step, save and stop.
+        False when nothing of theirs runs."""
         with self._lock:
-            if self._snap.status not in ("starting", "running"):
+            if self._snap.status not in ("starting", "running") or owner not in (None, self._snap.owner):
                 return False
             self._stop.set()
             self._replace(status="stopping")
             return True
 
     def snapshot(self) -> JobSnapshot:
+        """The machine's current (or last) job, whoever owns it: for local mode, the CLI and tests."""
         with self._lock:
             return self._snap
+
+    def snapshot_for(self, owner: str) -> JobSnapshot:
+        """What `owner` may see: their current or latest job, else idle. Never another owner's."""
+        with self._lock:
+            return self._last_by_owner.get(owner, IDLE)
+
+    def busy_for(self, owner: str) -> str:
+        """'' when `owner` may start a run; otherwise why not, without a word about whose run it is."""
+        with self._lock:
+            if self._snap.status not in ACTIVE or self._snap.owner == owner:
+                return ""
+            return busy_message(self._snap)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job's thread ends (tests, CLI). True if it ended."""
@@ -107,6 +137,13 @@ class JobRunner:
     def _replace(self, **changes) -> None:
         fields = {**self._snap.__dict__, **changes, "version": self._snap.version + 1}
         self._snap = JobSnapshot(**fields)
+        self._remember()
+
+    def _remember(self) -> None:
+        self._last_by_owner[self._snap.owner] = self._snap
+        self._last_by_owner.move_to_end(self._snap.owner)
+        while len(self._last_by_owner) > REMEMBERED_OWNERS:
+            self._last_by_owner.popitem(last=False)
 
     def _on_event(self, event: Event) -> None:
         with self._lock:
@@ -124,19 +161,29 @@ class JobRunner:
                 self._replace(checkpoints=s.checkpoints + (event,))
             elif isinstance(event, JobFinished):
                 self._replace(status=event.status, run_dir=event.run_dir, finished_at=time.time())
-            elif isinstance(event, JobFailed):
-                self._replace(status="failed", error=event.error, hint=event.hint,
+            elif isinstance(event, JobFailed):  # whatever a job reports must serialise, surrogates and all
+                self._replace(status="failed", error=safe_text(event.error), hint=safe_text(event.hint),
                               run_dir=event.run_dir or s.run_dir, finished_at=time.time())
 
-    def _run(self, cfg: TrainConfig, stop_event: threading.Event) -> None:
+    def _run(self, cfg: TrainConfig, stop_event: threading.Event, runs_root: Path) -> None:
         try:
-            self._train_fn(cfg, self._on_event, stop_event, self.runs_root)
+            self._train_fn(cfg, self._on_event, stop_event, runs_root)
         except RuozhiError as e:
             self._on_event(JobFailed(error=str(e), hint=""))
         except BaseException as e:  # the thread must never die silently: the UI would spin forever
             traceback.print_exc()
-            self._on_event(JobFailed(error=f"{type(e).__name__}: {e}", hint="See the server log for the traceback."))
+            self._on_event(JobFailed(error=f"{type(e).__name__}: {first_line(e)}",
+                                     hint="See the server log for the traceback."))
         finally:
             with self._lock:
                 if self._snap.status in ACTIVE:  # engine returned without a final event
                     self._replace(status="stopped" if stop_event.is_set() else "finished", finished_at=time.time())
+
+
+def busy_message(snap: JobSnapshot) -> str:
+    """What another visitor is told: the machine is busy, and roughly for how long."""
+    last = snap.last_step
+    if last is None:
+        return "Another visitor is training on this machine right now (it is starting); try again in a few minutes"
+    minutes = max(1, round(last.eta_s / 60))
+    return f"Another visitor is training on this machine right now, about {minutes} min left; try again then"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from . import specs
+from .errors import ModelLoadError, first_line
 
 DEMO_SPEC = "demo"
 DEMO_VERSION = "v1"  # bump when the recipe below changes, so old caches are rebuilt
@@ -60,7 +61,7 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 
 
 def is_demo(spec: str) -> bool:
-    return spec.strip().lower() == DEMO_SPEC
+    return specs.model_kind(spec, look_at_disk=False) == "demo"
 
 
 def train_chat_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE):
@@ -134,25 +135,37 @@ def resolve_spec(spec: str) -> str:
     spec = spec.strip()
     if not spec:
         raise ModelLoadError("No model given: use a Hub id like 'Qwen/Qwen2.5-0.5B-Instruct', a local folder, or 'demo'")
-    if is_demo(spec):
+    kind = specs.model_kind(spec)
+    if kind == "demo":
         return str(demo_model_dir())
+    if kind == "hub":
+        return spec
     path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"'{spec}' is a file; a model is a folder with config.json and safetensors weights")
-        return str(path.resolve())
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if not path.exists():
         raise ModelLoadError(f"Model folder '{spec}' does not exist")
-    return spec
+    if not path.is_dir():
+        raise ModelLoadError(f"'{spec}' is a file; a model is a folder with config.json and safetensors weights")
+    return str(path.resolve())
 
 
 def _load_error(spec: str, what: str, e: Exception) -> ModelLoadError:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     hint = ""
-    if not Path(spec).exists() and not is_demo(spec):
+    if specs.model_kind(spec) == "hub":
         hint = (" If this machine is offline and the model is not in the Hugging Face cache, "
                 "choose 'demo' (the built-in tiny model) or a local folder.")
-    return ModelLoadError(f"Could not load the {what} for '{spec}': {first_line}.{hint}")
+    return ModelLoadError(f"Could not load the {what} for '{spec}': {first_line(e)}.{hint}")
+
+
+def check_weights_match(spec: str, info: dict) -> None:
+    """Refuse weights that do not fill the model the config describes: transformers would leave the
+    missing tensors randomly initialised and train them silently."""
+    problems = [(name, sorted(info.get(key) or ())) for name, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))]
+    problems = [(name, keys) for name, keys in problems if keys]
+    if problems:
+        detail = "; ".join(f"{len(keys)} {name} (first: {', '.join(str(k) for k in keys[:3])})" for name, keys in problems)
+        raise ModelLoadError(f"The weights of '{spec}' do not match its config.json: {detail}. "
+                             "The config and the safetensors files must come from the same model")
 
 
 # What a causal LM needs from a Hub repo: configs, tokenizer files and safetensors (never pickles).
@@ -204,10 +217,12 @@ def load_model(spec: str, device: torch.device | None = None, dtype: torch.dtype
             f"'{spec}' holds only pickled weights (.bin/.pt), which can run code when loaded; this app loads "
             "safetensors only. Convert it once with transformers: from_pretrained(...).save_pretrained(out, safe_serialization=True)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # reported by check_weights_match, naming the tensors
     except Exception as e:
         raise _load_error(spec, "model", e) from None
+    check_weights_match(spec, info)
     return model.to(device)
 
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34  # Korthikanti et al. 2022, 16-bit, no recompute, no s^2 term (SDPA)
 GIB = 2 ** 30
@@ -38,18 +38,27 @@ class Estimate:
 
 
 @lru_cache(maxsize=8)
-def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
-    """Exact parameter count and Linear shapes from the config alone (meta device, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_config(spec: str, trust_remote_code: bool = False):
+    """The model's config.json only (a Hub download of a few KB, or a local read)."""
+    from transformers import AutoConfig
 
     from .models import resolve_spec
 
     path = resolve_spec(spec)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # offline without a cached config, missing repo, ...
-        raise ModelLoadError(f"Could not read the config of '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ModelLoadError(f"Could not read the config of '{spec}': {first_line(e)}") from None
+
+
+@lru_cache(maxsize=8)
+def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """Exact parameter count and Linear shapes from the config alone (meta device, no weights).
+    Callers check the config's size first (`Policy.check_config_shape`): building is what costs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(spec, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     linears = tuple((name.rsplit(".", 1)[-1], m.in_features, m.out_features)
@@ -86,8 +95,11 @@ def num_steps(n_train: int, epochs: int, batch_size: int, max_steps: int = 0) ->
     return min(steps, int(max_steps)) if max_steps else steps
 
 
-def estimate(cfg, n_train: int | None) -> Estimate:
-    """The estimate for a TrainConfig; `n_train` None or 0 leaves the step count unknown."""
+def estimate(cfg, n_train: int | None, check_config=None) -> Estimate:
+    """The estimate for a TrainConfig; `n_train` None or 0 leaves the step count unknown. `check_config`
+    (e.g. `Policy.check_config_shape`) sees the config before any model is built from it."""
+    if check_config is not None:
+        check_config(read_config(cfg.model.spec, cfg.model.trust_remote_code))
     shape = model_shape(cfg.model.spec, cfg.model.trust_remote_code)
     trained = shape.params_total if cfg.method == "full" else lora_params(shape, cfg.lora_rank, cfg.lora_target_modules)
     seq_len = cfg.data.max_source_length + cfg.data.max_target_length + 1  # + <|im_end|>

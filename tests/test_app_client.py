@@ -10,6 +10,7 @@ import pytest
 from gradio_client import Client
 
 from browser_helpers import free_port
+from client_helpers import api_args
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.ui import train_tab
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
@@ -38,10 +39,6 @@ def _wait_status(client, done, timeout=60.0):
     raise AssertionError(f"status did not settle: {status}")
 
 
-def _form(**changes):
-    return [changes.get(k, v) for k, v in train_tab.form_defaults().items()]
-
-
 def test_load_data_then_stats_through_the_api(app):
     client, _ = app
     summary, table, page, page_info, search = client.predict("sample", "demo", False, 10, "en", api_name="/load_data")
@@ -59,7 +56,7 @@ def test_poll_status_is_idle_before_a_run(app):
 
 def test_start_runs_a_real_tiny_job_to_a_checkpoint(app):
     client, _ = app
-    msg = client.predict("demo", False, "sample", "en", *_form(epochs=1, max_steps=2, lr=1e-3, run_name="client"),
+    msg = client.predict(*api_args(client, "/start_training", epochs=1, max_steps=2, lr=1e-3, run_name="client"),
                          api_name="/start_training")
     assert msg == "Started `client`."
     status = _wait_status(client, lambda s: not s["active"])
@@ -76,7 +73,7 @@ def test_stop_with_nothing_running_says_so(app):
 def test_stop_through_the_api_stops_a_running_job(app):
     client, _ = app
     _wait_status(client, lambda s: not s["active"])
-    client.predict("demo", False, "sample", "en", *_form(epochs=50, lr=1e-3, run_name="client-stop"),
+    client.predict(*api_args(client, "/start_training", epochs=50, lr=1e-3, run_name="client-stop"),
                    api_name="/start_training")
     _wait_status(client, lambda s: s["step"] >= 1)
     assert client.predict("en", api_name="/stop_training").startswith("Stop requested")

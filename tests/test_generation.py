@@ -3,7 +3,6 @@
 import threading
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from ruozhi_ui.errors import GenerationError, ModelLoadError
 SYSTEM = "你是一个有帮助的助手"
 PROMPT = "游泳比赛时把水喝光后跑步犯规吗"
 CPU = torch.device("cpu")
+MODELS = g.ModelCache()  # one app's cache, shared by this module's tests
 
 
 def make_checkpoint(model, tokenizer, folder: Path, method="full", system_prompt="你是弱智吧吧友") -> Path:
@@ -31,7 +31,7 @@ def make_checkpoint(model, tokenizer, folder: Path, method="full", system_prompt
 
 @pytest.fixture
 def base():
-    return g.get_model("demo", device=CPU)
+    return MODELS.get("demo", device=CPU)
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def tuned_dir(tmp_path, demo_model, tokenizer):
 
 @pytest.fixture
 def tuned(tuned_dir):
-    return g.get_model(str(tuned_dir), device=CPU)
+    return MODELS.get(str(tuned_dir), device=CPU)
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_stream_answer_final_text_equals_the_non_streamed_answer(base):
 
 
 def test_setting_cancel_stops_generate_before_max_new_tokens(demo_dir, count_forwards):
-    loaded = g.get_model(str(demo_dir), device=CPU)
+    loaded = MODELS.get(str(demo_dir), device=CPU)
     gen = GenConfig(max_new_tokens=60)
     forwards = count_forwards(loaded.model)
     list(g.stream_answer(loaded, PROMPT, [], SYSTEM, gen, threading.Event()))
@@ -121,7 +121,7 @@ def test_setting_cancel_stops_generate_before_max_new_tokens(demo_dir, count_for
 
 
 def test_closing_the_stream_stops_generate(demo_dir, count_forwards):
-    loaded = g.get_model(str(demo_dir), device=CPU)
+    loaded = MODELS.get(str(demo_dir), device=CPU)
     forwards = count_forwards(loaded.model)
     cancel = threading.Event()
     stream = g.stream_answer(loaded, PROMPT, [], SYSTEM, GenConfig(max_new_tokens=60), cancel)
@@ -169,7 +169,7 @@ def test_lora_checkpoint_loads_as_adapter_over_its_base(tmp_path, demo_model, to
             if "lora_B" in name:
                 p.normal_(0, 1.0)  # B starts at zero: make the adapter do something
     folder = make_checkpoint(peft_model, tokenizer, tmp_path / "r" / "checkpoints" / "epoch-1", method="lora")
-    loaded = g.get_model(str(folder), device=CPU)
+    loaded = MODELS.get(str(folder), device=CPU)
     assert loaded.kind == "lora"
     assert loaded.label == f"tuned: {folder} (LoRA r=8 on demo)"
     gen = GenConfig(max_new_tokens=20)
@@ -177,16 +177,16 @@ def test_lora_checkpoint_loads_as_adapter_over_its_base(tmp_path, demo_model, to
 
 
 def test_get_model_returns_the_same_object_twice(base):
-    assert g.get_model("demo", device=CPU) is base
+    assert MODELS.get("demo", device=CPU) is base
 
 
 def test_concurrent_get_model_loads_once(tuned_dir, monkeypatch):
-    g.clear_cache()
+    MODELS.clear()
     loads = []
     real = g._load_uncached
     monkeypatch.setattr(g, "_load_uncached", lambda *a: loads.append(a) or real(*a))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(g.get_model(str(tuned_dir), device=CPU)))
+    threads = [threading.Thread(target=lambda: results.append(MODELS.get(str(tuned_dir), device=CPU)))
                for _ in range(4)]
     for th in threads:
         th.start()
@@ -196,13 +196,12 @@ def test_concurrent_get_model_loads_once(tuned_dir, monkeypatch):
     assert all(r is results[0] for r in results)
 
 
-def test_cache_evicts_the_least_recently_used_model(tuned_dir, demo_dir, monkeypatch):
-    g.clear_cache()
-    monkeypatch.setattr(g, "MAX_CACHED_MODELS", 1)
-    first = g.get_model("demo", device=CPU)
-    g.get_model(str(tuned_dir), device=CPU)
-    assert g.cached_labels() == [f"tuned: {tuned_dir} (full, from demo)"]
-    assert g.get_model("demo", device=CPU) is not first
+def test_cache_evicts_the_least_recently_used_model(tuned_dir, demo_dir):
+    cache = g.ModelCache(size=1)
+    first = cache.get("demo", device=CPU)
+    cache.get(str(tuned_dir), device=CPU)
+    assert cache.labels() == [f"tuned: {tuned_dir} (full, from demo)"]
+    assert cache.get("demo", device=CPU) is not first
 
 
 def test_checkpoint_system_prompt_comes_from_run_config(tuned_dir):
@@ -221,7 +220,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(base):
 
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        g.get_model(str(tmp_path / "runs" / "gone" / "checkpoints" / "final"), device=CPU)
+        MODELS.get(str(tmp_path / "runs" / "gone" / "checkpoints" / "final"), device=CPU)
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, tokenizer, base):
@@ -230,19 +229,18 @@ def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, tokenizer, base
     config = Qwen2Config(vocab_size=len(tokenizer) + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     folder = make_checkpoint(Qwen2ForCausalLM(config), tokenizer, tmp_path / "x" / "checkpoints" / "final")
-    other = g.get_model(str(folder), device=CPU)
+    other = MODELS.get(str(folder), device=CPU)
     with pytest.raises(GenerationError, match=f"vocabulary {len(tokenizer) + 64}"):
         g.check_pair(base, other)
 
 
-def test_batch_ab_gives_one_row_per_prompt_and_csv_round_trips(base, tuned, tmp_path):
+def test_batch_ab_gives_one_row_per_prompt_with_both_answers(base, tuned):
     prompts, refs = ["地球上有70亿人", "一些高中想提高升学率"], ["参考一", "参考二，含逗号"]
     rows = g.batch_ab(base, tuned, prompts, refs, SYSTEM, GenConfig(max_new_tokens=8))
     assert [r["prompt"] for r in rows] == prompts and [r["reference"] for r in rows] == refs
-    path = g.ab_table_csv(rows, tmp_path / "_compare" / "ab.csv")
-    assert path.read_bytes().startswith(b"\xef\xbb\xbf")  # BOM: Excel reads it as UTF-8
-    back = pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, dtype={"base_len": int, "tuned_len": int})
-    assert back.to_dict("records") == rows
+    for row, prompt in zip(rows, prompts):
+        assert (row["base_answer"], row["base_len"]) == g.generate_answer(base, prompt, SYSTEM, GenConfig(max_new_tokens=8))
+        assert list(row) == g.AB_COLUMNS
 
 
 def test_validation_loss_of_one_record_equals_the_transformers_loss(base):

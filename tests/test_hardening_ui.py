@@ -26,9 +26,12 @@ from ruozhi_ui import data, engine
 from ruozhi_ui import generation as g
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig, save_config
 from browser_helpers import free_port
+from client_helpers import api_args, poll_until, wait_until
 from ruozhi_ui.jobs import JobRunner
+from ruozhi_ui.policy import Policy
 from ruozhi_ui.ui import compare_tab as ct
 from ruozhi_ui.ui import data_tab, shell, train_tab
+from ruozhi_ui.ui.context import AppContext
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
 
 PROMPT = "游泳比赛时把水喝光后跑步犯规吗"
@@ -37,8 +40,21 @@ SYSTEM = "你是一个有帮助的助手"
 
 # ---------------------------------------------------------------- helpers
 
-def form(**changes) -> list:
-    return [changes.get(k, v) for k, v in train_tab.form_defaults().items()]
+def form(**changes) -> dict:
+    return {**train_tab.form_defaults(), **changes}
+
+
+def local_ctx(root, runner=None) -> AppContext:
+    return AppContext(policy=Policy(mode="local", runs_root=root), runner=runner or JobRunner(root))
+
+
+def start(ctx, trust=False, **changes) -> str:
+    """The Train tab's Start with the demo model and the sample, the form's defaults changed by `changes`."""
+    return train_tab.on_start(ctx, "demo", trust, "sample", "en", **form(**changes))
+
+
+def load(ctx, source, trust=False):
+    return data_tab.on_load(ctx, source, "demo", trust, 10, "en")
 
 
 def gr_error(call) -> str:
@@ -48,21 +64,11 @@ def gr_error(call) -> str:
     return e.value.message
 
 
-def wait_until(check, timeout=60.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def respond(checkpoint, message=PROMPT, max_new_tokens=8, request=None, trust=False):
+def respond(ctx, checkpoint, message=PROMPT, max_new_tokens=8, request=None, trust=False):
     """Run the Compare tab's respond handler to the end; returns the last (base, tuned, titles...)."""
     user = [{"role": "user", "content": message}]
-    outputs = list(ct.respond(user, list(user), "demo", str(checkpoint), trust, SYSTEM, max_new_tokens, False, 0.7,
-                              0.9, 50, 1.0, "en", request))
+    outputs = list(ct.respond(ctx, user, list(user), "demo", str(checkpoint), trust, SYSTEM, max_new_tokens, False,
+                              0.7, 0.9, 50, 1.0, "en", None, request))
     return outputs[-1]
 
 
@@ -83,20 +89,19 @@ def tuned_dir(tmp_path, demo_model, tokenizer):
 @pytest.fixture
 def count_loads(monkeypatch):
     """Every weight load the generation cache makes, as a list of specs (shared across threads)."""
-    g.clear_cache()
     loads, real = [], g._load_uncached
     monkeypatch.setattr(g, "_load_uncached", lambda spec, *a: loads.append(spec) or real(spec, *a))
-    yield loads
-    g.clear_cache()
+    return loads
 
 
 @pytest.fixture
-def engine_runner(tmp_path, demo_dir):
-    """A JobRunner on the real engine; whatever a test leaves running is stopped afterwards."""
-    runner = JobRunner(tmp_path / "runs")
-    yield runner
-    runner.stop()
-    assert runner.wait(60)
+def ctx(tmp_path, demo_dir):
+    """A local-mode app's services with a JobRunner on the real engine; whatever a test leaves running is
+    stopped afterwards."""
+    context = local_ctx(tmp_path / "runs")
+    yield context
+    context.runner.stop()
+    assert context.runner.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +117,6 @@ def served(tmp_path_factory, demo_dir):
     runner.stop()
     runner.wait(60)
     demo.close()
-
-
-def poll_until(client, done, timeout=60.0) -> dict:
-    """/poll_status until `done(status)`; returns that status."""
-    def check():
-        status = client.predict(api_name="/poll_status")
-        return status if done(status) else None
-
-    return wait_until(check, timeout, "poll_status")
 
 
 # ---------------------------------------------------------------- 1. data files in the UI
@@ -152,7 +148,7 @@ BAD_FILES = {  # name -> (content, the message the Load handler must show)
 def test_a_bad_data_file_is_a_gr_error_naming_file_line_and_field(tmp_path, name):
     # Guards: the Load handler turns every DataFormatError into a readable gr.Error, never a traceback.
     content, message = BAD_FILES[name]
-    shown = gr_error(lambda: data_tab.on_load(_write(tmp_path / name, content), "demo", False, 10, "en"))
+    shown = gr_error(lambda: load(local_ctx(tmp_path), _write(tmp_path / name, content)))
     assert shown.startswith("Loading failed: ") and message in shown
 
 
@@ -160,23 +156,23 @@ def test_a_file_over_the_size_limit_is_a_gr_error(tmp_path, monkeypatch):
     # Guards: the size check reaches the UI as a message with the limit, before anything is parsed.
     monkeypatch.setattr(data, "MAX_FILE_BYTES", 16)
     path = _write(tmp_path / "big.json", GOOD)
-    assert gr_error(lambda: data_tab.on_load(path, "demo", False, 10, "en")) == (
+    assert gr_error(lambda: load(local_ctx(tmp_path), path)) == (
         "Loading failed: big.json: file is 0 MB, over the 0 MB limit; split it or load it from the Hub")
 
 
 def test_a_bom_file_loads(tmp_path, demo_dir):
     # Guards: a UTF-8 byte-order mark (Windows Notepad) is not mistaken for bad data.
     path = _write(tmp_path / "bom.json", b"\xef\xbb\xbf" + json.dumps(GOOD, ensure_ascii=False).encode("utf-8"))
-    key, n_train, summary, table, *_ = data_tab.on_load(path, "demo", False, 10, "en")
-    assert key == (path, "demo", False)
+    key, n_train, summary, table, *_ = load(local_ctx(tmp_path), path)
+    assert key == data_tab.DataKey(path, "demo", False, "")
     assert sorted(row[2] for row in table["data"]) == [r["instruction"] for r in GOOD]
 
 
 def test_duplicates_load_with_a_note_in_the_summary(tmp_path, demo_dir):
     # Guards: duplicates are reported on screen, not silently trained on twice.
     path = _write(tmp_path / "dup.json", GOOD + GOOD[:2])
-    summary = data_tab.on_load(path, "demo", False, 10, "en")[2]
-    assert summary.endswith("\n\n- 2 duplicate record(s) found (same instruction and output)")
+    summary = load(local_ctx(tmp_path), path)[2]
+    assert summary.endswith("\n\n- 2 duplicate record\\(s\\) found \\(same instruction and output\\)")
 
 
 @pytest.mark.parametrize("protocol", [0, 4])
@@ -190,7 +186,7 @@ def test_a_pickle_renamed_json_is_a_format_error_and_never_unpickled(tmp_path, p
 
     path = _write(tmp_path / "model.json", pickle.dumps(Payload(), protocol=protocol))
     expected = "line 1: invalid JSON" if protocol == 0 else "line 1: not valid UTF-8"
-    assert expected in gr_error(lambda: data_tab.on_load(path, "demo", False, 10, "en"))
+    assert expected in gr_error(lambda: load(local_ctx(tmp_path), path))
     assert not marker.exists()
 
 
@@ -198,7 +194,7 @@ def test_python_code_in_a_json_file_is_never_run(tmp_path):
     # Guards: a .json holding Python is a JSON error; running it would create `marker`.
     marker = tmp_path / "ran"
     path = _write(tmp_path / "evil.json", f"__import__('os').mkdir({str(marker)!r})\n")
-    assert "evil.json: line 1: invalid JSON" in gr_error(lambda: data_tab.on_load(path, "demo", False, 10, "en"))
+    assert "evil.json: line 1: invalid JSON" in gr_error(lambda: load(local_ctx(tmp_path), path))
     assert not marker.exists()
 
 
@@ -206,7 +202,7 @@ def test_a_failed_load_keeps_the_previous_data_in_the_session(served, tmp_path):
     # Guards: a failed Load leaves the session's loaded data (gr.State) as it was: paging still shows the sample.
     client = served.client()
     _, first_page, *_ = client.predict("sample", "demo", False, 10, "en", api_name="/load_data")
-    bad = _write(tmp_path / "broken.json", "[{")
+    bad = _write(tmp_path / "broken.json", "[{")  # local mode: a server path is a fine source
     with pytest.raises(AppError, match=r"Loading failed: broken\.json: line 1: invalid JSON"):
         client.predict(bad, "demo", False, 10, "en", api_name="/load_data")
     table, page, _ = client.predict("", 1, 10, "en", api_name="/preview_page")
@@ -244,12 +240,12 @@ def test_a_double_clicked_start_starts_one_run(tmp_path):
     # Guards: two Start calls racing each other: the runner's lock lets exactly one through.
     release, runs = threading.Event(), []
     runner = JobRunner(tmp_path, train_fn=lambda cfg, emit, stop, root: runs.append(cfg) or release.wait(30))
-    barrier, results = threading.Barrier(2), []
+    barrier, results, context = threading.Barrier(2), [], local_ctx(tmp_path, runner)
 
     def click():
         barrier.wait()
         try:
-            results.append(train_tab.on_start(runner, "demo", False, "sample", "en", *form()))
+            results.append(start(context))
         except gr.Error as e:
             results.append(e)
 
@@ -271,7 +267,7 @@ def test_start_from_two_clients_runs_one_job_and_another_client_can_stop_it(serv
     # Guards: the job is per process, not per browser: a second client is refused and can stop the first's run.
     alice, bob = served.client(), served.client()
     poll_until(alice, lambda s: not s["active"])
-    args = ("demo", False, "sample", "en", *form(epochs=50, lr=1e-3, run_name="two-clients"))
+    args = api_args(alice, "/start_training", epochs=50, lr=1e-3, run_name="two-clients")
     jobs = [c.submit(*args, api_name="/start_training") for c in (alice, bob)]
     outcomes = []
     for job in jobs:
@@ -287,25 +283,25 @@ def test_start_from_two_clients_runs_one_job_and_another_client_can_stop_it(serv
     assert poll_until(alice, lambda s: not s["active"])["status"] == "stopped"
 
 
-def test_chatting_while_training_works_and_loads_each_model_once(engine_runner, tuned_dir, count_loads):
+def test_chatting_while_training_works_and_loads_each_model_once(ctx, tuned_dir, count_loads):
     # Guards: Compare is usable during a run, and repeated chats reuse the cache (no second copy of a model).
-    train_tab.on_start(engine_runner, "demo", False, "sample", "en", *form(epochs=50, lr=1e-3, run_name="busy"))
-    wait_until(lambda: engine_runner.snapshot().steps, what="the first training step")
-    first = respond(tuned_dir)
-    second = respond(tuned_dir, message="地球上有70亿人")
+    start(ctx, epochs=50, lr=1e-3, run_name="busy")
+    wait_until(lambda: ctx.runner.snapshot().steps, what="the first training step")
+    first = respond(ctx, tuned_dir)
+    second = respond(ctx, tuned_dir, message="地球上有70亿人")
     assert first[0][-1]["role"] == second[1][-1]["role"] == "assistant"
-    assert engine_runner.snapshot().status == "running"
+    assert ctx.runner.snapshot().status == "running"
     assert sorted(count_loads) == sorted(["demo", str(tuned_dir)])
 
 
-def test_two_users_chatting_at_once_both_finish_with_one_load_per_model(tuned_dir, count_loads):
+def test_two_users_chatting_at_once_both_finish_with_one_load_per_model(tmp_path, tuned_dir, count_loads):
     # Guards: the per-key load lock: two sessions asking for the same weights at once share one copy.
-    barrier, answers, errors = threading.Barrier(2), {}, []
+    barrier, answers, errors, context = threading.Barrier(2), {}, [], local_ctx(tmp_path)
 
     def user(name):
         barrier.wait()
         try:
-            answers[name] = respond(tuned_dir, request=SimpleNamespace(session_hash=name))
+            answers[name] = respond(context, tuned_dir, request=SimpleNamespace(session_hash=name))
         except Exception as e:  # surfaced by the assert below
             errors.append(e)
 
@@ -332,8 +328,8 @@ def test_trust_remote_code_checkbox_is_off_and_its_warning_shows_only_when_ticke
 
 
 @pytest.mark.parametrize("ticked", [False, True])
-def test_trust_remote_code_reaches_transformers_only_as_ticked(engine_runner, tuned_dir, monkeypatch, ticked):
-    # Guards: every tab hands the checkbox through unchanged; nothing turns remote code on by itself.
+def test_trust_remote_code_reaches_transformers_only_as_ticked(ctx, tuned_dir, monkeypatch, ticked):
+    # Guards: every tab hands the checkbox through unchanged (local mode); nothing turns remote code on by itself.
     import transformers
 
     seen = []
@@ -341,27 +337,24 @@ def test_trust_remote_code_reaches_transformers_only_as_ticked(engine_runner, tu
         real = cls.from_pretrained
         monkeypatch.setattr(cls, "from_pretrained",
                             lambda *a, _real=real, **k: seen.append(k.get("trust_remote_code")) or _real(*a, **k))
-    data_tab._DATA.clear()
-    g.clear_cache()
-    data_tab.on_load("sample", "demo", ticked, 10, "en")  # Data tab: tokenizer
-    respond(tuned_dir, trust=ticked)  # Compare tab: base and tuned, tokenizers and weights
-    train_tab.on_start(engine_runner, "demo", ticked, "sample", "en", *form(run_name="trust"))  # Train tab
-    engine_runner.stop()
-    assert engine_runner.wait(60)
-    g.clear_cache()
-    assert engine_runner.snapshot().config["model"]["trust_remote_code"] is ticked
+    load(ctx, "sample", trust=ticked)  # Data tab: tokenizer
+    respond(ctx, tuned_dir, trust=ticked)  # Compare tab: base and tuned, tokenizers and weights
+    start(ctx, trust=ticked, run_name="trust")  # Train tab
+    ctx.runner.stop()
+    assert ctx.runner.wait(60)
+    assert ctx.runner.snapshot().config["model"]["trust_remote_code"] is ticked
     assert len(seen) >= 7 and set(seen) == {ticked}
 
 
 @pytest.mark.parametrize("name,folder", [
     ("../x", "x"), ("/etc/cron.d/x", "etc-cron.d-x"), ("长" * 300, "长" * 64), ("a\x00b\nc\x1b[2J", "abc-2J"),
 ])
-def test_the_run_name_field_cannot_leave_the_runs_folder(engine_runner, tmp_path, name, folder):
+def test_the_run_name_field_cannot_leave_the_runs_folder(ctx, tmp_path, name, folder):
     # Guards: whatever is typed as run name, the engine's run folder is a direct child of the runs root.
-    train_tab.on_start(engine_runner, "demo", False, "sample", "en", *form(run_name=name))
-    engine_runner.stop()  # the folder exists from setup on; no need to train
-    assert engine_runner.wait(60)
-    snap = engine_runner.snapshot()
+    start(ctx, run_name=name)
+    ctx.runner.stop()  # the folder exists from setup on; no need to train
+    assert ctx.runner.wait(60)
+    snap = ctx.runner.snapshot()
     assert snap.status == "stopped", snap.error
     assert Path(snap.run_dir) == (tmp_path / "runs" / folder).resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
@@ -370,8 +363,8 @@ def test_the_run_name_field_cannot_leave_the_runs_folder(engine_runner, tmp_path
 def test_a_run_name_with_nothing_safe_left_is_refused_at_start(tmp_path):
     # Guards: '../..' used to start a job that failed a moment later; now Start refuses it at once.
     runner = JobRunner(tmp_path, train_fn=lambda *a: pytest.fail("no job may start"))
-    shown = gr_error(lambda: train_tab.on_start(runner, "demo", False, "sample", "en", *form(run_name="../..")))
-    assert shown == ("Invalid setting: run_name is empty after removing unsafe characters; "
+    shown = gr_error(lambda: start(local_ctx(tmp_path, runner), run_name="../.."))
+    assert shown == ("Cannot start training: run_name is empty after removing unsafe characters; "
                      "use letters, digits, '-' or '_'")
     assert runner.snapshot().status == "idle"
 
@@ -395,31 +388,35 @@ def test_main_launches_on_localhost_with_the_shared_launch_kwargs(monkeypatch):
     # Guards: `python app.py` really passes the picked host and the upload limit to launch().
     for var in ("SYSTEM", "SPACE_ID", "RUOZHI_HOST"):
         monkeypatch.delenv(var, raising=False)
-    launched = {}
-    monkeypatch.setattr(shell, "build_app", lambda: SimpleNamespace(launch=lambda **kw: launched.update(kw)))
+    monkeypatch.delenv("RUOZHI_MODE", raising=False)
+    launched, policies = {}, []
+    monkeypatch.setattr(shell, "build_app",
+                        lambda policy: policies.append(policy) or SimpleNamespace(launch=lambda **kw: launched.update(kw)))
     app_module.main(["--port", "7999"])
     assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", 7999)
     assert launched["max_file_size"] == data.MAX_FILE_BYTES
+    assert policies[0].mode == "local"
 
 
 # ---------------------------------------------------------------- 4. generation errors in the Compare tab
 
-def test_an_empty_message_sent_straight_to_the_api_is_a_gr_error(tuned_dir):
+def test_an_empty_message_sent_straight_to_the_api_is_a_gr_error(tmp_path, tuned_dir):
     # Guards: the compare_respond endpoint can be called without append_user's check.
-    assert gr_error(lambda: respond(tuned_dir, message="   ")) == (
+    assert gr_error(lambda: respond(local_ctx(tmp_path), tuned_dir, message="   ")) == (
         "Error: The message is empty: type a question or pick an example")
 
 
-def test_a_prompt_longer_than_the_context_is_a_gr_error(tuned_dir):
-    shown = gr_error(lambda: respond(tuned_dir, message=PROMPT * 100, max_new_tokens=64))
+def test_a_prompt_longer_than_the_context_is_a_gr_error(tmp_path, tuned_dir):
+    shown = gr_error(lambda: respond(local_ctx(tmp_path), tuned_dir, message=PROMPT * 100, max_new_tokens=64))
     assert shown.startswith("Error: The prompt is ") and "reads at most 1024 tokens and 64 are kept" in shown
 
 
 def test_a_missing_checkpoint_folder_is_a_gr_error(tmp_path):
-    gone = tmp_path / "runs" / "deleted" / "checkpoints" / "final"
-    assert gr_error(lambda: respond(gone)).startswith(f"Error: Checkpoint folder '{gone}' does not exist")
-    ab = gr_error(lambda: list(ct.run_ab("demo", str(gone), False, SYSTEM, "sample", "pasted", 5, "一行", 4, 1.0,
-                                         str(tmp_path), "en")))  # the A/B table too
+    gone, context = tmp_path / "runs" / "deleted" / "checkpoints" / "final", local_ctx(tmp_path / "runs")
+    assert gr_error(lambda: respond(context, gone)).startswith(
+        f"Error: Checkpoint folder '{gone}' does not exist")
+    ab = gr_error(lambda: list(ct.run_ab(context, "demo", str(gone), False, SYSTEM, "pasted", 5, "一行", 4, 1.0,
+                                         "en")))  # the A/B table too
     assert ab.startswith(f"Error: Checkpoint folder '{gone}' does not exist")
 
 
@@ -438,7 +435,7 @@ def test_a_checkpoint_of_another_architecture_is_a_gr_error(tmp_path, tokenizer,
     # Guards: check_pair in the respond path: a mismatched pair is refused before generating nonsense.
     vocab = len(tokenizer) + extra_vocab
     folder = make_checkpoint(_foreign_model(kind, vocab), tokenizer, tmp_path / "other" / "checkpoints" / "final")
-    message = gr_error(lambda: respond(folder))
+    message = gr_error(lambda: respond(local_ctx(tmp_path), folder))
     assert "does not match the base" in message and shown.format(v=vocab) in message
 
 
@@ -453,12 +450,12 @@ def test_a_crash_in_the_engine_shows_failed_and_the_next_start_is_accepted(serve
         raise RuntimeError("simulated crash inside a training step")
 
     monkeypatch.setattr(engine, "batch_loss_sum", crash)
-    client.predict("demo", False, "sample", "en", *form(run_name="crash"), api_name="/start_training")
+    client.predict(*api_args(client, "/start_training", run_name="crash"), api_name="/start_training")
     failed = poll_until(client, lambda s: not s["active"])
     assert failed["status"] == "failed"
     assert failed["error"] == "RuntimeError: simulated crash inside a training step"
     monkeypatch.undo()
-    assert client.predict("demo", False, "sample", "en", *form(run_name="after-crash"),
+    assert client.predict(*api_args(client, "/start_training", run_name="after-crash"),
                           api_name="/start_training") == "Started `after-crash`."
     assert client.predict("en", api_name="/stop_training").startswith(("Stop requested", "No training"))
     assert poll_until(client, lambda s: not s["active"])["status"] in ("stopped", "finished")

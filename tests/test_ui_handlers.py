@@ -2,16 +2,24 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import gradio as gr
 import pytest
 
 from ruozhi_ui.config import DEFAULT_DATASET, DEFAULT_MODEL, TrainConfig
 from ruozhi_ui.encoding import IGNORE_INDEX, encode_record
-from ruozhi_ui.errors import ConfigError
+from ruozhi_ui.errors import ConfigError, DataFormatError
 from ruozhi_ui.events import CheckpointSaved, EvalDone, RunStarted, SampleGenerated, StepLogged
 from ruozhi_ui.jobs import JobRunner, JobSnapshot
+from ruozhi_ui.policy import Policy
 from ruozhi_ui.ui import data_tab, shell, train_tab
+from ruozhi_ui.ui.context import AppContext
+
+
+def local_ctx(root, runner=None) -> AppContext:
+    """The services a local-mode app hands its handlers (no components: handlers take plain values)."""
+    return AppContext(policy=Policy(mode="local", runs_root=root), runner=runner or JobRunner(root))
 
 
 def _step(i, loss=2.0, num_steps=8):
@@ -67,7 +75,7 @@ def test_render_status_running_shows_steps_progress_probes_and_checkpoints():
     assert 'data-step="2" data-num-steps="8"' in progress and "width:25.0%" in progress
     assert "step 2/8" in progress and "elapsed 0:00:30" in progress and "ETA 0:01:05" in progress
     assert "**问题**" in probes and "> 回答" in probes
-    assert "/runs/r/checkpoints/epoch-1" in ckpts and error == ""
+    assert "`/runs/r/checkpoints/epoch-1`" in ckpts and error == ""
 
 
 def test_render_status_failed_shows_error_and_hint():
@@ -77,10 +85,17 @@ def test_render_status_failed_shows_error_and_hint():
     assert error == "**Training failed:** OutOfMemoryError: CUDA\n\n**Hint:** lower the batch size"
 
 
-def test_tick_skips_when_the_version_is_unchanged():
-    runner = JobRunner(runs_root=None)
-    assert all(isinstance(x, type(gr.skip())) for x in train_tab.on_tick(runner, 0, "en"))
-    assert train_tab.on_tick(runner, -1, "en")[0] == 0
+def test_tick_skips_when_the_version_is_unchanged(tmp_path):
+    ctx = local_ctx(tmp_path)
+    *outputs, timer = train_tab.on_tick(ctx, 0, "en")
+    assert all(isinstance(x, type(gr.skip())) for x in outputs)
+    assert train_tab.on_tick(ctx, -1, "en")[0] == 0
+
+
+def test_the_timer_runs_only_while_a_job_does(tmp_path):
+    ctx = local_ctx(tmp_path)
+    assert train_tab.on_tick(ctx, -1, "en")[-1].active is False
+    assert train_tab.on_refresh(ctx, "en")[-1].active is False
 
 
 def test_a_reloaded_page_gets_the_running_jobs_settings_back_and_idle_keeps_the_form():
@@ -97,15 +112,15 @@ def test_a_reloaded_page_gets_the_running_jobs_settings_back_and_idle_keeps_the_
             return self.snap
 
     running = JobSnapshot(version=4, status="running", config=config_to_dict(cfg))
-    model, trust, source, *form = train_tab.on_page_load_form(Runner(running))
+    model, trust, source, *form = train_tab.on_page_load_form(local_ctx(Path("runs"), Runner(running)))
     assert (model, trust, source) == ("demo", False, "sample")
     assert train_tab.build_train_config(model, trust, source, **dict(zip(train_tab.FORM_FIELDS, form))) == cfg
-    idle = train_tab.on_page_load_form(Runner(JobSnapshot(version=0, status="idle")))
+    idle = train_tab.on_page_load_form(local_ctx(Path("runs"), Runner(JobSnapshot(version=0, status="idle"))))
     assert len(idle) == 3 + len(train_tab.FORM_FIELDS) and all(isinstance(v, type(gr.skip())) for v in idle)
 
 
-def test_poll_status_of_an_idle_runner():
-    s = train_tab.poll_status(JobRunner(runs_root=None))
+def test_poll_status_of_an_idle_runner(tmp_path):
+    s = train_tab.poll_status(local_ctx(tmp_path))
     assert (s["status"], s["step"], s["num_steps"], s["checkpoints"], s["error"]) == ("idle", 0, 0, [], "")
 
 
@@ -113,16 +128,16 @@ def test_start_conflict_becomes_gr_error(tmp_path):
     import threading
 
     release = threading.Event()
-    runner = JobRunner(tmp_path, train_fn=lambda cfg, emit, stop, root: release.wait(10))
-    values = list(train_tab.form_defaults().values())
-    train_tab.on_start(runner, "demo", False, "sample", "en", *values)
+    ctx = local_ctx(tmp_path, JobRunner(tmp_path, train_fn=lambda cfg, emit, stop, root: release.wait(10)))
+    form = train_tab.form_defaults()
+    train_tab.on_start(ctx, "demo", False, "sample", "en", **form)
     try:
         with pytest.raises(gr.Error, match="already in progress"):
-            train_tab.on_start(runner, "demo", False, "sample", "en", *values)
-        assert train_tab.on_stop(runner, "en").startswith("Stop requested")
+            train_tab.on_start(ctx, "demo", False, "sample", "en", **form)
+        assert train_tab.on_stop(ctx, "en").startswith("Stop requested")
     finally:
         release.set()
-        runner.wait(10)
+        ctx.runner.wait(10)
 
 
 def test_num_steps_is_epochs_times_batches_per_epoch():
@@ -151,12 +166,17 @@ def test_estimate_counts_all_demo_parameters_for_full_training(demo_dir, demo_mo
 
 # --- Data tab ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return data_tab.load_data("sample", "demo")
+def data_ctx(tmp_path_factory):
+    return local_ctx(tmp_path_factory.mktemp("runs"))
 
 
-def test_load_data_is_cached_per_source_and_model(loaded):
-    assert data_tab.load_data("sample", "demo") is loaded
+@pytest.fixture(scope="module")
+def loaded(data_ctx):
+    return data_tab.load_data(data_ctx, data_tab.DataKey("sample", "demo", False, ""))
+
+
+def test_load_data_is_cached_per_source_and_model(loaded, data_ctx):
+    assert data_tab.load_data(data_ctx, data_tab.DataKey("sample", "demo", False, "")) is loaded
     assert len(loaded.rows) == len(loaded.splits.train) + len(loaded.splits.val)
 
 
@@ -178,10 +198,10 @@ def test_search_filters_instruction_and_output(loaded):
     assert n == sum(1 for _, r in loaded.rows if word.lower() in r.instruction.lower() or word.lower() in r.output.lower())
 
 
-def test_failed_load_raises_gr_error_and_keeps_the_cache(loaded):
+def test_failed_load_raises_gr_error_and_keeps_the_cache(loaded, data_ctx):
     with pytest.raises(gr.Error, match="Loading failed"):
-        data_tab.on_load("/no/such/file.json", "demo", False, 10, "en")
-    assert data_tab.load_data("sample", "demo") is loaded
+        data_tab.on_load(data_ctx, "/no/such/file.json", "demo", False, 10, "en")
+    assert data_tab.load_data(data_ctx, loaded.key) is loaded
 
 
 def test_inspector_highlights_exactly_the_label_tokens(loaded, tokenizer):
@@ -195,13 +215,13 @@ def test_inspector_highlights_exactly_the_label_tokens(loaded, tokenizer):
 
 
 def test_inspector_rejects_an_out_of_range_row(loaded):
-    with pytest.raises(Exception, match="Row index out of range"):
+    with pytest.raises(DataFormatError, match="Row index out of range"):
         data_tab.inspect_record(loaded, len(loaded.rows), 62, 151, "en")
 
 
-def test_stats_handler_gives_table_figure_and_suggestions(loaded):
-    table, fig, truncation, src, tgt = data_tab.on_stats(loaded.key, 62, 151, "en")
-    stats = data_tab.data_stats(loaded, 62, 151)
+def test_stats_handler_gives_table_figure_and_suggestions(loaded, data_ctx):
+    table, fig, truncation, src, tgt = data_tab.on_stats(data_ctx, loaded.key, 62, 151, "en")
+    stats = data_tab.data_stats(data_ctx, loaded, 62, 151)
     assert [row[0] for row in table["data"]] == ["Instruction", "Output", "Templated prompt", "Total"]
     assert len(fig.data) == 4 and "max_source_length 62" in truncation
     assert (src, tgt) == (stats.suggested_max_source_length, stats.suggested_max_target_length)
@@ -241,7 +261,7 @@ def test_start_fetches_a_hub_model_first_and_reports_offline_clearly(monkeypatch
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(gr.Error, match="demo"):
-        on_fetch_model("Qwen/Qwen2.5-0.5B-Instruct", "en")
+        on_fetch_model(local_ctx(Path("runs")), "Qwen/Qwen2.5-0.5B-Instruct", "en")
     assert calls[0][0] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert "*.safetensors" in calls[0][1] and not any("bin" in p for p in calls[0][1])
 
@@ -252,4 +272,4 @@ def test_start_needs_no_download_for_the_demo_model(monkeypatch, demo_dir):
     from ruozhi_ui.ui.train_tab import on_fetch_model
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
-    on_fetch_model("demo", "en")
+    on_fetch_model(local_ctx(Path("runs")), "demo", "en")

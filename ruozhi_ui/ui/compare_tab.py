@@ -1,16 +1,18 @@
 """Compare tab: base vs fine-tuned side by side, streaming, plus a batch A/B table.
 
 Layout and wiring only; every handler is a module-level function of plain values
-(testable without a browser) that calls `generation`. Each pane is titled with the
-exact weights it used. Stop both cancels the streaming event and sets the
-session's cancel events, so `generate()` itself stops, not just the UI.
+(testable without a browser) that calls `generation`. A checkpoint is named by its
+path relative to the visitor's runs folder and resolved by the policy, so a public
+visitor reaches only their own. Each pane is titled with the exact weights it used.
+Stop both cancels the streaming event and sets the session's cancel events, so
+`generate()` itself stops, not just the UI.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -18,14 +20,27 @@ from gradio.i18n import I18nData
 
 from .. import generation as g
 from ..checkpoints import list_checkpoints
-from ..config import DEFAULT_SYSTEM_PROMPT, REFERENCE_PROMPTS, DataConfig, GenConfig
+from ..config import DEFAULT_SYSTEM_PROMPT, REFERENCE_PROMPTS, GenConfig
 from ..data import load_source
-from ..errors import ConfigError, RuozhiError
+from ..errors import ConfigError, GenerationError, RuozhiError
 from ..i18n import t
 from ..models import fetch_model_files
+from ..policy import Visitor
+from .boundary import user_errors
 from .context import AppContext
 
-AB_MAX_PROMPTS = 500  # the A/B table runs two full generations per prompt
+AB_DEFAULT_PROMPTS = 50
+# The table as CSV, built in the browser: no file is written on the server and no server path is sent.
+CSV_DOWNLOAD_JS = """(table) => {
+    const rows = [table.headers, ...table.data];
+    const cell = (v) => '"' + String(v ?? '').replaceAll('"', '""') + '"';
+    const csv = '\\ufeff' + rows.map(r => r.map(cell).join(',')).join('\\n');
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(new Blob([csv], {type: 'text/csv;charset=utf-8'}));
+    a.download = 'ab-table.csv';
+    a.click();
+    URL.revokeObjectURL(a.href);
+}"""
 
 
 @dataclass
@@ -53,8 +68,7 @@ class CompareHandles:
     ab_run: gr.Button
     ab_loss: gr.Markdown
     ab_table: gr.Dataframe
-    ab_csv: gr.File
-    runs_root: gr.State
+    ab_csv: gr.Button
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -99,8 +113,13 @@ def pending_message(history) -> str | None:
 
 
 def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty) -> GenConfig:
-    gen = GenConfig(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
-                    top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty))
+    try:
+        gen = GenConfig(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
+                        top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError("generation settings must be numbers") from None
+    if not all(x == x and abs(x) != float("inf") for x in (gen.temperature, gen.top_p, gen.repetition_penalty)):
+        raise ConfigError("generation settings must be finite numbers")
     if gen.max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1")
     if gen.do_sample and not (gen.temperature > 0 and 0 < gen.top_p <= 1 and gen.top_k >= 0):
@@ -110,22 +129,26 @@ def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k
     return gen
 
 
-def checkpoint_choices(runs_root) -> list[tuple[str, str]]:
-    """(run/checkpoints/name, absolute path) for the dropdown, newest first."""
+def checkpoint_choices(runs_root: Path) -> list[tuple[str, str]]:
+    """(run/checkpoints/name, the same) for the dropdown, newest first: names relative to the visitor's
+    runs folder, which is all a page ever sends back."""
     root = Path(runs_root)
-    return [(str(p.relative_to(root)) if p.is_relative_to(root) else str(p), str(p)) for p in list_checkpoints(root)]
+    names = [str(p.relative_to(root)) for p in list_checkpoints(root) if p.is_relative_to(root)]
+    return [(name, name) for name in names]
 
 
 def base_title(spec: str, lang: str) -> str:
     return t("compare.base_title", lang, label=g.describe_base(spec)) if spec else ""
 
 
-def tuned_title(checkpoint: str | None, lang: str) -> str:
-    return t("compare.tuned_title", lang, label=g.describe_checkpoint(checkpoint)) if checkpoint else t("compare.tuned_none", lang)
-
-
-def _ui_error(e: Exception, lang: str) -> gr.Error:
-    return gr.Error(t("compare.error", lang, detail=str(e)))
+def tuned_title(ctx: AppContext, visitor: Visitor, checkpoint: str | None, lang: str) -> str:
+    if not checkpoint:
+        return t("compare.tuned_none", lang)
+    try:
+        path = ctx.policy.resolve_checkpoint(checkpoint, visitor)
+    except RuozhiError:
+        return t("compare.tuned_title", lang, label=f"tuned: {checkpoint}")
+    return t("compare.tuned_title", lang, label=g.describe_checkpoint(path, shown=checkpoint))
 
 
 # ---------------------------------------------------------------- cancel registry
@@ -152,19 +175,22 @@ def _unregister(request, event: threading.Event) -> None:
 
 # ---------------------------------------------------------------- handlers
 
-def refresh_checkpoints(runs_root: str, current: str | None) -> gr.Dropdown:
-    choices = checkpoint_choices(runs_root)
-    paths = [path for _, path in choices]
-    return gr.Dropdown(choices=choices, value=current if current in paths else (paths[0] if paths else None))
+def refresh_checkpoints(ctx: AppContext, current: str | None, token=None, request: gr.Request = None) -> gr.Dropdown:
+    choices = checkpoint_choices(ctx.visitor_of(token, request).runs_root)
+    names = [name for _, name in choices]
+    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
 
 
-def on_checkpoint_change(checkpoint: str | None, system_prompt: str, lang: str) -> tuple[str, str]:
+def on_checkpoint_change(ctx: AppContext, checkpoint: str | None, system_prompt: str, lang: str, token=None,
+                         request: gr.Request = None) -> tuple[str, str]:
     """(system prompt, tuned title): the checkpoint's training system prompt replaces the box."""
+    visitor = ctx.visitor_of(token, request)
     try:
-        trained_with = g.checkpoint_system_prompt(checkpoint) if checkpoint else None
+        path = ctx.policy.resolve_checkpoint(checkpoint, visitor) if checkpoint else None
+        trained_with = g.checkpoint_system_prompt(path) if path else None
     except RuozhiError:
         trained_with = None  # a damaged run_config must not block picking; loading reports it
-    return (trained_with if trained_with is not None else system_prompt), tuned_title(checkpoint, lang)
+    return (trained_with if trained_with is not None else system_prompt), tuned_title(ctx, visitor, checkpoint, lang)
 
 
 def on_base_change(spec: str, lang: str) -> str:
@@ -172,50 +198,56 @@ def on_base_change(spec: str, lang: str) -> str:
 
 
 def append_user(message: str, base_history: list, tuned_history: list, lang: str) -> tuple[str, list, list]:
-    if not message or not message.strip():
+    if not isinstance(message, str) or not message.strip():
         raise gr.Error(t("compare.err_empty", lang))
     turn = {"role": "user", "content": message}
     return "", [*(base_history or []), turn], [*(tuned_history or []), dict(turn)]
 
 
-def load_pair(base_spec: str, checkpoint: str | None, trust_remote_code: bool, lang: str):
+def load_pair(ctx: AppContext, visitor: Visitor, base_spec: str, checkpoint: str | None, trust_remote_code: bool,
+              lang: str):
+    """(base, tuned) LoadedModels for a visitor, after the policy has passed both."""
     if not checkpoint:
-        raise gr.Error(t("compare.err_no_checkpoint", lang))
-    try:
-        base = g.get_model(base_spec, trust_remote_code=bool(trust_remote_code))
-        tuned = g.get_model(checkpoint, trust_remote_code=bool(trust_remote_code))
-        g.check_pair(base, tuned)
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
+        raise GenerationError(t("compare.err_no_checkpoint", lang))
+    spec = ctx.policy.check_model(base_spec)
+    path = ctx.policy.resolve_checkpoint(checkpoint, visitor)
+    base = ctx.models.get(spec, trust_remote_code=ctx.policy.trust_remote_code(spec, trust_remote_code))
+    tuned_from = g.checkpoint_config(path)
+    tuned_spec = tuned_from.model.spec if tuned_from else spec
+    tuned = ctx.models.get(str(path), trust_remote_code=ctx.policy.trust_remote_code(tuned_spec, trust_remote_code))
+    g.check_pair(base, tuned)
     return base, tuned
 
 
-def fetch_base_model(base_spec: str, checkpoint: str | None, lang: str, progress=gr.Progress(track_tqdm=True)):
+@user_errors("compare.error")
+def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, lang: str,
+                     progress=gr.Progress(track_tqdm=True)):
     """Before the first answer: download a Hub base model in its own event, so the base pane shows the
     download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders."""
     if not checkpoint:  # say so before a 1 GB download, not after
-        raise gr.Error(t("compare.err_no_checkpoint", lang))
-    try:
-        fetch_model_files(base_spec or "")
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
+        raise GenerationError(t("compare.err_no_checkpoint", lang))
+    fetch_model_files(ctx.policy.check_model(base_spec or ""))
     return gr.skip()
 
 
-def respond(base_history: list, tuned_history: list, base_spec: str, checkpoint: str | None,
+@user_errors("compare.error")
+def respond(ctx: AppContext, base_history: list, tuned_history: list, base_spec: str, checkpoint: str | None,
             trust_remote_code: bool, system_prompt: str, max_new_tokens, do_sample, temperature, top_p, top_k,
-            repetition_penalty, lang: str, request: gr.Request = None):
+            repetition_penalty, lang: str, token=None, request: gr.Request = None):
     """Stream both answers into both panes; yields (base_history, tuned_history, base_title, tuned_title)."""
     message = pending_message(base_history)
     if message is None:  # append_user refused the input: nothing to answer
         return
-    try:
-        gen = gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
-    base, tuned = load_pair(base_spec, checkpoint, trust_remote_code, lang)
-    titles = (t("compare.base_title", lang, label=base.label), t("compare.tuned_title", lang, label=tuned.label))
+    policy, visitor = ctx.policy, ctx.visitor_of(token, request)
+    policy.check_text(message, "message", multiline=True)
+    policy.check_text(system_prompt, "system prompt", multiline=True)
+    gen = gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
+    policy.check_generation(gen.max_new_tokens)
+    base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
+    titles = (base_title(base_spec, lang), tuned_title(ctx, visitor, checkpoint, lang))
     history_base, history_tuned = history_pairs(base_history[:-1]), history_pairs(tuned_history[:-1])
+    for _, text in history_base + history_tuned:
+        policy.check_text(text, "conversation", multiline=True)
 
     def panes(base_text: str, tuned_text: str):
         return ([*base_history, {"role": "assistant", "content": base_text}],
@@ -227,8 +259,6 @@ def respond(base_history: list, tuned_history: list, base_spec: str, checkpoint:
         for base_text, tuned_text in g.stream_pair(base, tuned, message, history_base, history_tuned,
                                                    system_prompt, gen, cancel):
             yield panes(base_text, tuned_text)
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
     finally:
         cancel.set()  # a cancelled event closes this generator: generate() must stop too
         _unregister(request, cancel)
@@ -245,15 +275,27 @@ def clear_chats() -> tuple[list, list]:
     return [], []
 
 
-def ab_prompts(source: str, limit, pasted: str, data_source: str, checkpoint: str | None
+def ab_prompts(ctx: AppContext, visitor: Visitor, source: str, limit, pasted: str, checkpoint: str | None
                ) -> tuple[list[str], list[str] | None, list]:
-    """(prompts, references or None, validation records) for the A/B table."""
-    limit = max(1, min(int(limit or 1), AB_MAX_PROMPTS))
+    """(prompts, references or None, validation records) for the A/B table. The validation prompts are
+    the checkpoint's own run's: its data source and hold-out rule, whatever the top bar says now."""
+    try:
+        limit = max(1, int(limit or 1))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError("the number of A/B prompts must be a whole number") from None
+    ctx.policy.check_generation(1, limit)
     if source == "pasted":
-        return [line.strip() for line in (pasted or "").splitlines() if line.strip()][:limit], None, []
-    cfg = g.checkpoint_config(checkpoint) if checkpoint else None
-    data = cfg.data if cfg else DataConfig()
-    records = load_source(data_source, data.val_fraction, data.seed).val[:limit]  # the run's own hold-out rule
+        text = ctx.policy.check_text(pasted, "pasted prompts", multiline=True)
+        return [line.strip() for line in (text or "").splitlines() if line.strip()][:limit], None, []
+    if not checkpoint:
+        raise GenerationError("Pick a fine-tuned checkpoint first: its run's validation split is what A/B scores")
+    cfg = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor))
+    if cfg is None:
+        raise GenerationError("This checkpoint has no run_config.json naming its data: paste prompts instead")
+    data = cfg.data
+    source = ctx.policy.check_data_source(data.source, visitor)
+    records = load_source(source, data.val_fraction, data.seed, uploads_dir=visitor.uploads,
+                          max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None).val[:limit]
     return [r.instruction for r in records], [r.output for r in records], records
 
 
@@ -264,38 +306,35 @@ def ab_dataframe(rows: list[dict], lang: str):
     return pd.DataFrame([[r[c] for c in g.AB_COLUMNS] for r in rows], columns=headers)
 
 
-def run_ab(base_spec: str, checkpoint: str | None, trust_remote_code: bool, system_prompt: str, data_source: str,
-           source: str, limit, pasted: str, max_new_tokens, repetition_penalty, runs_root: str, lang: str,
+@user_errors("compare.error")
+def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote_code: bool, system_prompt: str,
+           source: str, limit, pasted: str, max_new_tokens, repetition_penalty, lang: str, token=None,
            request: gr.Request = None):
-    """Yield (loss markdown, table, csv path or None) as rows finish; the CSV is written at the end."""
-    try:
-        prompts, references, records = ab_prompts(source, limit, pasted, data_source, checkpoint)
-        gen = gen_config_from_widgets(max_new_tokens, False, 1.0, 1.0, 0, repetition_penalty)
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
+    """Yield (loss markdown, table) as rows finish."""
+    visitor = ctx.visitor_of(token, request)
+    prompts, references, records = ab_prompts(ctx, visitor, source, limit, pasted, checkpoint)
+    gen = gen_config_from_widgets(max_new_tokens, False, 1.0, 1.0, 0, repetition_penalty)
+    ctx.policy.check_generation(gen.max_new_tokens, len(prompts))
+    ctx.policy.check_text(system_prompt, "system prompt", multiline=True)
     if not prompts:
-        raise gr.Error(t("compare.err_no_prompts", lang))
-    base, tuned = load_pair(base_spec, checkpoint, trust_remote_code, lang)
+        raise ConfigError(t("compare.err_no_prompts", lang))
+    base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
     cancel = _register(request)
     try:
         if records:
-            cfg = g.checkpoint_config(checkpoint)
-            data = cfg.data if cfg else DataConfig()
+            data = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor)).data
             losses = [g.validation_loss(m, records, system_prompt, data.max_source_length, data.max_target_length)
                       for m in (base, tuned)]
             loss_md = t("compare.ab_loss", lang, n=len(records), base=losses[0], tuned=losses[1])
         else:
             loss_md = t("compare.ab_no_loss", lang)
         rows = []
-        yield loss_md + "\n\n" + t("compare.ab_progress", lang, done=0, total=len(prompts)), ab_dataframe(rows, lang), None
+        yield loss_md + "\n\n" + t("compare.ab_progress", lang, done=0, total=len(prompts)), ab_dataframe(rows, lang)
         for row in g.iter_batch_ab(base, tuned, prompts, references, system_prompt, gen, cancel):
             rows.append(row)
             progress = t("compare.ab_progress", lang, done=len(rows), total=len(prompts))
-            yield loss_md + "\n\n" + progress, ab_dataframe(rows, lang), None
-        csv = g.ab_table_csv(rows, Path(runs_root) / "_compare" / f"ab-{time.strftime('%Y%m%d-%H%M%S')}.csv")
-        yield loss_md, ab_dataframe(rows, lang), str(csv)
-    except RuozhiError as e:
-        raise _ui_error(e, lang) from None
+            yield loss_md + "\n\n" + progress, ab_dataframe(rows, lang)
+        yield loss_md, ab_dataframe(rows, lang)
     finally:
         cancel.set()
         _unregister(request, cancel)
@@ -309,17 +348,16 @@ def _i18n(key: str) -> I18nData:
 
 def build(ctx: AppContext) -> CompareHandles:
     defaults = GenConfig()
-    runs_root = gr.State(str(ctx.runs_root))
-    choices = checkpoint_choices(ctx.runs_root)
     with gr.Row(equal_height=True):
-        checkpoint = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label=_i18n("compare.checkpoint"),
-                                 allow_custom_value=True, scale=5, elem_id="compare-checkpoint")
+        checkpoint = gr.Dropdown(choices=[], value=None, label=_i18n("compare.checkpoint"), allow_custom_value=True,
+                                 scale=5, elem_id="compare-checkpoint")  # filled per visitor on page load
         refresh = gr.Button(_i18n("compare.refresh"), scale=1, elem_id="compare-refresh")
     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label=_i18n("compare.system_prompt"), lines=1,
                                elem_id="compare-system-prompt")
     with gr.Accordion(_i18n("compare.gen_params"), open=False):
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label=_i18n("compare.max_new_tokens"))
+            max_new_tokens = gr.Slider(1, ctx.policy.limits.max_new_tokens if ctx.policy.public else 1024,
+                                       value=defaults.max_new_tokens, step=1, label=_i18n("compare.max_new_tokens"))
             do_sample = gr.Checkbox(value=defaults.do_sample, label=_i18n("compare.do_sample"))
             repetition_penalty = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
                                            label=_i18n("compare.repetition_penalty"))
@@ -327,15 +365,15 @@ def build(ctx: AppContext) -> CompareHandles:
             temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label=_i18n("compare.temperature"))
             top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label=_i18n("compare.top_p"))
             top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label=_i18n("compare.top_k"))
+    # render_markdown=False: answers are shown as text, so an image or link a model writes fetches nothing
+    chat = dict(height=420, buttons=["copy", "copy_all"], render_markdown=False)
     with gr.Row(equal_height=True):
         with gr.Column():
             base_label = gr.Markdown(elem_id="compare-base-label")
-            base_chat = gr.Chatbot(label=_i18n("compare.base_chat"), height=420, buttons=["copy", "copy_all"],
-                                   elem_id="compare-base-chat")
+            base_chat = gr.Chatbot(label=_i18n("compare.base_chat"), elem_id="compare-base-chat", **chat)
         with gr.Column():
             tuned_label = gr.Markdown(elem_id="compare-tuned-label")
-            tuned_chat = gr.Chatbot(label=_i18n("compare.tuned_chat"), height=420, buttons=["copy", "copy_all"],
-                                    elem_id="compare-tuned-chat")
+            tuned_chat = gr.Chatbot(label=_i18n("compare.tuned_chat"), elem_id="compare-tuned-chat", **chat)
     message = gr.Textbox(label=_i18n("compare.input"), placeholder=_i18n("compare.input_placeholder"), lines=1,
                          elem_id="compare-input")
     gr.Examples([[p] for p in REFERENCE_PROMPTS], inputs=[message], label=_i18n("compare.examples"))
@@ -347,59 +385,66 @@ def build(ctx: AppContext) -> CompareHandles:
         with gr.Row():
             ab_source = gr.Radio([(_i18n("compare.ab_source_val"), "validation"), (_i18n("compare.ab_source_pasted"), "pasted")],
                                  value="validation", label=_i18n("compare.ab_source"))
-            ab_limit = gr.Number(50, minimum=1, maximum=AB_MAX_PROMPTS, precision=0, label=_i18n("compare.ab_limit"))
+            ab_limit = gr.Number(AB_DEFAULT_PROMPTS, minimum=1, maximum=ctx.policy.limits.ab_prompts, precision=0,
+                                 label=_i18n("compare.ab_limit"))
             ab_run = gr.Button(_i18n("compare.ab_run"), variant="primary", elem_id="compare-ab-run")
         ab_prompts_box = gr.Textbox(label=_i18n("compare.ab_prompts"), lines=4, elem_id="compare-ab-prompts")
         ab_loss = gr.Markdown(elem_id="compare-ab-loss")
         ab_table = gr.Dataframe(label=_i18n("compare.ab_table"), wrap=True, interactive=False, elem_id="compare-ab-table")
-        ab_csv = gr.File(label=_i18n("compare.ab_csv"), interactive=False, elem_id="compare-ab-csv")
+        ab_csv = gr.Button(_i18n("compare.ab_csv"), size="sm", elem_id="compare-ab-csv")
 
-    h = CompareHandles(checkpoint, refresh, system_prompt, max_new_tokens, do_sample, temperature, top_p, top_k,
-                       repetition_penalty, message, send, stop, clear, base_label, tuned_label, base_chat, tuned_chat,
-                       ab_source, ab_limit, ab_prompts_box, ab_run, ab_loss, ab_table, ab_csv, runs_root)
+    h = CompareHandles(
+        checkpoint=checkpoint, refresh=refresh, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        message=message, send=send, stop=stop, clear=clear, base_label=base_label, tuned_label=tuned_label,
+        base_chat=base_chat, tuned_chat=tuned_chat, ab_source=ab_source, ab_limit=ab_limit, ab_prompts=ab_prompts_box,
+        ab_run=ab_run, ab_loss=ab_loss, ab_table=ab_table, ab_csv=ab_csv)
     _wire(h, ctx)
     return h
 
 
 def _wire(h: CompareHandles, ctx: AppContext) -> None:
-    refresh_io = dict(fn=refresh_checkpoints, inputs=[h.runs_root, h.checkpoint], outputs=[h.checkpoint],
-                      queue=False, api_visibility="private")
-    h.refresh.click(**refresh_io)
-    titles_io = dict(fn=on_checkpoint_change, inputs=[h.checkpoint, h.system_prompt, ctx.lang],
-                     outputs=[h.system_prompt, h.tuned_label], queue=False, api_visibility="private")
-    h.checkpoint.change(**titles_io)
-    base_io = dict(fn=on_base_change, inputs=[ctx.model_spec, ctx.lang], outputs=[h.base_label], queue=False,
-                   api_visibility="private")
+    private = dict(api_visibility="private")
+    h.refresh.click(partial(refresh_checkpoints, ctx), [h.checkpoint, ctx.visitor], [h.checkpoint], queue=False,
+                    **private)
+    h.checkpoint.change(partial(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
+                        [h.system_prompt, h.tuned_label], queue=False, **private)
+    base_io = dict(fn=on_base_change, inputs=[ctx.model_spec, ctx.lang], outputs=[h.base_label], queue=False, **private)
     ctx.model_spec.change(**base_io)
-    ctx.lang.change(**base_io).then(fn=tuned_title, inputs=[h.checkpoint, ctx.lang], outputs=[h.tuned_label],
-                                    queue=False, api_visibility="private")
+    ctx.lang.change(**base_io).then(partial(on_checkpoint_change, ctx),
+                                    [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
+                                    [h.system_prompt, h.tuned_label], queue=False, **private)
 
     respond_inputs = [h.base_chat, h.tuned_chat, ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
-                      h.max_new_tokens, h.do_sample, h.temperature, h.top_p, h.top_k, h.repetition_penalty, ctx.lang]
+                      h.max_new_tokens, h.do_sample, h.temperature, h.top_p, h.top_k, h.repetition_penalty, ctx.lang,
+                      ctx.visitor]
     respond_outputs = [h.base_chat, h.tuned_chat, h.base_label, h.tuned_label]
     append_io = dict(fn=append_user, inputs=[h.message, h.base_chat, h.tuned_chat, ctx.lang],
-                     outputs=[h.message, h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
-    fetch_io = dict(fn=fetch_base_model, inputs=[ctx.model_spec, h.checkpoint, ctx.lang], outputs=[h.base_chat],
-                    api_visibility="private")
+                     outputs=[h.message, h.base_chat, h.tuned_chat], queue=False, **private)
+    fetch_io = dict(fn=partial(fetch_base_model, ctx), inputs=[ctx.model_spec, h.checkpoint, ctx.lang],
+                    outputs=[h.base_chat], **private)
+    respond_fn = partial(respond, ctx)
     fetch_submitted = h.message.submit(**append_io).success(**fetch_io)
-    submitted = fetch_submitted.success(respond, respond_inputs, respond_outputs, api_name="compare_respond")
+    submitted = fetch_submitted.success(respond_fn, respond_inputs, respond_outputs, api_name="compare_respond")
     fetch_clicked = h.send.click(**append_io).success(**fetch_io)
-    clicked = fetch_clicked.success(respond, respond_inputs, respond_outputs, api_visibility="private")
-    ab = h.ab_run.click(run_ab, [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt, ctx.data_source,
-                                 h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens, h.repetition_penalty,
-                                 h.runs_root, ctx.lang], [h.ab_loss, h.ab_table, h.ab_csv], api_name="compare_ab")
+    clicked = fetch_clicked.success(respond_fn, respond_inputs, respond_outputs, **private)
+    ab = h.ab_run.click(partial(run_ab, ctx), [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
+                                               h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens,
+                                               h.repetition_penalty, ctx.lang, ctx.visitor],
+                        [h.ab_loss, h.ab_table], api_name="compare_ab")
+    h.ab_csv.click(None, [h.ab_table], None, js=CSV_DOWNLOAD_JS, **private)
     h.stop.click(stop_generation, None, None, cancels=[fetch_submitted, submitted, fetch_clicked, clicked, ab],
-                 queue=False, api_visibility="private")
-    h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, api_visibility="private")
+                 queue=False, **private)
+    h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, **private)
 
 
-def wire_page_load(demo: gr.Blocks, tab: gr.Tab, ctx: AppContext, h: CompareHandles) -> None:
-    """Re-list checkpoints when the tab is shown and when the page loads, so a run
+def wire_page_load(load_event, tab: gr.Tab, ctx: AppContext, h: CompareHandles) -> None:
+    """Re-list the visitor's checkpoints when the tab is shown and when the page loads, so a run
     that finished while the user was elsewhere appears without a click."""
-    refresh_io = dict(fn=refresh_checkpoints, inputs=[h.runs_root, h.checkpoint], outputs=[h.checkpoint],
-                      queue=False, api_visibility="private")
+    refresh_io = dict(fn=partial(refresh_checkpoints, ctx), inputs=[h.checkpoint, ctx.visitor],
+                      outputs=[h.checkpoint], queue=False, api_visibility="private")
     tab.select(**refresh_io)
-    demo.load(**refresh_io).then(
-        on_checkpoint_change, [h.checkpoint, h.system_prompt, ctx.lang], [h.system_prompt, h.tuned_label],
-        queue=False, api_visibility="private").then(
+    load_event.then(**refresh_io).then(
+        partial(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
+        [h.system_prompt, h.tuned_label], queue=False, api_visibility="private").then(
         on_base_change, [ctx.model_spec, ctx.lang], [h.base_label], queue=False, api_visibility="private")

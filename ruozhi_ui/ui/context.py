@@ -1,23 +1,37 @@
-"""What the app shell hands to every tab's `build(ctx)`: shared services and components.
+"""What the app shell hands to every tab's `build(ctx)`: the app's services, caches and shared components.
 
-Plain attributes, no string-keyed registry. `app.py` makes one per Blocks app.
+Plain attributes, no string-keyed registry. `build_app` makes one per Blocks app, so
+two apps in one process (tests) share no cache. `visitor_of` is how every handler
+learns whose request it serves (public mode) before it touches runs or uploads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..cache import LoadingLRU
+from ..generation import ModelCache
 from ..jobs import JobRunner
+from ..policy import Policy, Visitor
+
+DATA_CACHE_SIZE = 4  # loaded datasets (with their tokenizer) kept per app
 
 
 @dataclass
 class AppContext:
-    runner: JobRunner  # the process's single training job
-    runs_root: Path  # every run folder and checkpoint lives under here
-    model_spec: gr.Dropdown  # top bar: Hub id / local folder / "demo" (value is the spec string)
-    trust_remote_code: gr.Checkbox  # top bar: explicit opt-in, off by default
-    data_source: gr.Textbox  # top bar / Data tab: "sample", a file path, or a Hub id
-    lang: gr.Radio  # "zh" | "en": for text the handlers format themselves
+    policy: Policy  # local or public: what each request may do, and each visitor's folders
+    runner: JobRunner  # the machine's single training job
+    # The shell's shared components (None in handler tests, which call handlers with plain values):
+    visitor: gr.BrowserState | None = None  # the browser's visitor token; API clients fall back to their session
+    model_spec: gr.Dropdown | None = None  # top bar: Hub id / local folder / "demo" (value is the spec string)
+    trust_remote_code: gr.Checkbox | gr.State | None = None  # top bar opt-in (local); public: a State nobody sets
+    data_source: gr.Textbox | None = None  # "sample", "upload:<name>", a Hub id, or (local) a file path
+    lang: gr.Radio | None = None  # "zh" | "en"
+    models: ModelCache = field(default_factory=ModelCache)  # Compare's loaded models
+    data: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE))  # loaded datasets + tokenizer
+    stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits
+
+    def visitor_of(self, token: str | None, request: gr.Request | None) -> Visitor:
+        return self.policy.visitor(token, getattr(request, "session_hash", None) or "")

@@ -1,99 +1,112 @@
 """The Data tab: load a dataset, page and search it, see token-length statistics, inspect one example.
 
-Owns a small module-level LRU of loaded data per (source, model spec) so switching
-tabs or re-clicking Load does not re-read a file or re-download a Hub dataset.
-Handlers are module-level functions of plain values; `build` lays the tab out and
-`wire` connects events once the Train tab's max-length inputs exist. Statistics
-come from `stats.py`, the chat text from `encoding.render_prompt` via `encode_record`.
+Loaded data (records + the model's tokenizer) and statistics live in the app
+context's caches, keyed by what identifies them (an upload by its visitor's file),
+so switching tabs or re-clicking Load does not re-read a file or re-download a Hub
+dataset. Every source and model goes through the policy first. Handlers are
+module-level functions of plain values; `build` lays the tab out and `wire`
+connects events once the Train tab's max-length inputs exist.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
+import shutil
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
-from .. import plots
+from .. import plots, specs
 from ..config import DataConfig
 from ..data import DatasetSplits, Record, load_source
-from ..errors import RuozhiError
+from ..errors import DataFormatError, PolicyError
 from ..i18n import t
+from ..policy import Visitor, safe_file_name
+from .boundary import md_code, md_text, user_errors
 from .context import AppContext
 
 L = gr.I18n()  # label keys only; the tables are handed to launch() by the shell
-CACHE_SIZE = 4  # loaded datasets kept; a Hub dataset of a few MB each
 PAGE_SIZES = (10, 20, 50, 100)
 SOURCE_KINDS = ("hub", "upload", "sample")
 TRAINED_COLORS = {t("data.inspect_trained", lang): "#bbf7d0" for lang in ("zh", "en")}
 
 
 @dataclass(frozen=True)
+class DataKey:
+    """What identifies loaded data: the source, the tokenizer's model, and where uploads are read from."""
+    source: str
+    model_spec: str
+    trust_remote_code: bool
+    uploads: str  # the visitor's uploads folder ('' unless the source is an upload)
+
+
+@dataclass(frozen=True)
 class LoadedData:
-    key: tuple[str, str, bool]  # (source, model spec, trust_remote_code)
+    key: DataKey
     splits: DatasetSplits
     tokenizer: object  # the model's tokenizer: statistics and the inspector count with it
     rows: tuple[tuple[str, Record], ...]  # ("train" | "val", record) in preview order
 
 
-class _LRU:
-    """A tiny thread-safe LRU; values are immutable, so sharing them across sessions is safe."""
-
-    def __init__(self, size: int):
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key, value):
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
-
-    def clear(self):
-        with self._lock:
-            self._items.clear()
-
-
-_DATA = _LRU(CACHE_SIZE)
-_STATS = _LRU(CACHE_SIZE * 4)
-
-
 # --- plain handlers (no Gradio) ---------------------------------------------------------
-def load_data(source: str, model_spec: str, trust_remote_code: bool = False) -> LoadedData:
-    """Records and the model's tokenizer for `source`, from the LRU when already loaded."""
-    key = (source.strip(), model_spec.strip(), bool(trust_remote_code))
-    cached = _DATA.get(key)
-    if cached is not None:
-        return cached
-    from ..models import load_tokenizer  # torch/transformers load on the first Load, not at start-up
-
-    defaults = DataConfig()
-    splits = load_source(key[0], val_fraction=defaults.val_fraction, seed=defaults.seed)
-    tokenizer = load_tokenizer(key[1], trust_remote_code=key[2])
-    rows = tuple(("train", r) for r in splits.train) + tuple(("val", r) for r in splits.val)
-    return _DATA.put(key, LoadedData(key=key, splits=splits, tokenizer=tokenizer, rows=rows))
+def data_key(ctx: AppContext, visitor: Visitor, source: str, model_spec: str, trust_remote_code: bool) -> DataKey:
+    """The policy's verdict on a (source, model) pair, as a cache key."""
+    source = ctx.policy.check_data_source(source, visitor)
+    spec = ctx.policy.check_model(model_spec)
+    uploads = str(visitor.uploads) if specs.data_kind(source, look_at_disk=False) == "upload" else ""
+    return DataKey(source, spec, ctx.policy.trust_remote_code(spec, trust_remote_code), uploads)
 
 
-def data_stats(loaded: LoadedData, max_source_length: int, max_target_length: int):
+def load_data(ctx: AppContext, key: DataKey) -> LoadedData:
+    """Records and the model's tokenizer for `key`, loaded once per app."""
+    def load() -> LoadedData:
+        from ..models import load_tokenizer  # torch/transformers load on the first Load, not at start-up
+
+        defaults = DataConfig()
+        splits = load_source(key.source, defaults.val_fraction, defaults.seed,
+                             uploads_dir=Path(key.uploads) if key.uploads else None,
+                             max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None)
+        tokenizer = load_tokenizer(key.model_spec, trust_remote_code=key.trust_remote_code)
+        rows = tuple(("train", r) for r in splits.train) + tuple(("val", r) for r in splits.val)
+        return LoadedData(key=key, splits=splits, tokenizer=tokenizer, rows=rows)
+
+    return ctx.data.get(key, load)
+
+
+def data_stats(ctx: AppContext, loaded: LoadedData, max_source_length: int, max_target_length: int):
     """TokenStats of the training split at the given limits (cached per limits)."""
     from ..stats import compute_stats
 
-    key = (loaded.key, int(max_source_length), int(max_target_length))
-    cached = _STATS.get(key)
-    if cached is None:
-        cached = _STATS.put(key, compute_stats(loaded.splits.train, loaded.tokenizer, DataConfig().system_prompt,
-                                               int(max_source_length), int(max_target_length)))
-    return cached
+    limits = (int(max_source_length), int(max_target_length))
+    return ctx.stats.get((loaded.key, *limits), lambda: compute_stats(
+        loaded.splits.train, loaded.tokenizer, DataConfig().system_prompt, *limits))
+
+
+def save_upload(ctx: AppContext, visitor: Visitor, temp_path: str) -> str:
+    """Move a file Gradio just received into the visitor's uploads folder; returns its source `upload:<name>`.
+
+    The visitor's folder is the only place the app reads uploads from, so an upload
+    is only ever seen by the session that sent it, counts against its quota, and is
+    named in messages by its file name, never by a server path.
+    """
+    temp = Path(temp_path)
+    name = safe_file_name(temp.name)
+    if not name.lower().endswith(specs.DATA_SUFFIXES):
+        raise DataFormatError(f"{name or 'the file'}: unsupported file type; upload a .json (a list) or .jsonl "
+                              "(one object per line) file")
+    size, limit = temp.stat().st_size, ctx.policy.limits.upload_mb * 2**20
+    if size > limit:
+        raise PolicyError(f"{name}: the file is {size / 2**20:.0f} MB, over this app's {limit // 2**20} MB upload limit")
+    visitor.uploads.mkdir(parents=True, exist_ok=True)
+    ctx.policy.make_room(visitor)
+    target = visitor.uploads / name
+    shutil.copyfile(temp, target)  # a new upload of the same name replaces the old one
+    if ctx.policy.public:
+        temp.unlink(missing_ok=True)  # Gradio's copy would otherwise be served by its file route
+    ctx.data.clear()  # a cached dataset of the old file must not survive its replacement
+    return specs.UPLOAD_PREFIX + name
 
 
 def filter_rows(rows, query: str) -> list[int]:
@@ -145,7 +158,6 @@ def inspect_record(loaded: LoadedData, index: int, max_source_length: int, max_t
                    lang: str = "zh") -> tuple[str, list[tuple[str, str | None]], str]:
     """What the model is trained on for row `index`: the exact text, tokens (trained ones marked), summary."""
     from ..encoding import encode_record
-    from ..errors import DataFormatError
 
     if not 0 <= int(index) < len(loaded.rows):
         raise DataFormatError(t("errors.row_index", lang, n=len(loaded.rows) - 1))
@@ -187,37 +199,33 @@ def source_for_kind(kind: str, current: str) -> tuple[str, bool]:
     return (current if hub_like else DataConfig().source), False
 
 
-# --- Gradio boundary: RuozhiError -> gr.Error ------------------------------------------
-def _loaded_or_error(key, lang):
+# --- Gradio handlers ------------------------------------------------------------------------
+def _loaded(ctx: AppContext, key: DataKey | None, lang: str) -> LoadedData:
     if not key:
-        raise gr.Error(t("errors.load_data_first", lang))
-    try:
-        return load_data(*key)
-    except RuozhiError as e:
-        raise gr.Error(t("errors.load_failed", lang, error=str(e))) from None
+        raise DataFormatError(t("errors.load_data_first", lang))
+    return load_data(ctx, key)
 
 
-def on_load(source, model_spec, trust_remote_code, page_size, lang, progress=gr.Progress(track_tqdm=True)):
+@user_errors("errors.load_failed")
+def on_load(ctx: AppContext, source, model_spec, trust_remote_code, page_size, lang, token=None,
+            request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     progress(0, desc=t("data.loading", lang))
-    try:
-        loaded = load_data(source, model_spec, trust_remote_code)
-    except RuozhiError as e:  # outputs untouched: the previously loaded data stays on screen
-        raise gr.Error(t("errors.load_failed", lang, error=str(e))) from None
+    key = data_key(ctx, ctx.visitor_of(token, request), source, model_spec, trust_remote_code)
+    loaded = load_data(ctx, key)  # a failure leaves the outputs untouched: the earlier data stays on screen
     s = loaded.splits
-    summary = t("data.summary", lang, origin=s.origin, n_train=len(s.train), n_val=len(s.val))
+    summary = t("data.summary", lang, origin=md_text(s.origin), n_train=len(s.train), n_val=len(s.val))
     if s.notes:
-        summary += "\n\n" + "\n".join(f"- {n}" for n in s.notes)
+        summary += "\n\n" + "\n".join(f"- {md_text(n)}" for n in s.notes)
     table, page, n_pages, n_matches = preview_page(loaded.rows, "", 1, page_size)
     return (loaded.key, len(s.train), summary, _table(table, lang), page,
             t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches), "")
 
 
-def on_stats(key, max_source_length, max_target_length, lang):
-    loaded = _loaded_or_error(key, lang)
-    try:
-        stats = data_stats(loaded, max_source_length, max_target_length)
-    except RuozhiError as e:
-        raise gr.Error(str(e)) from None
+@user_errors()
+def on_stats(ctx: AppContext, key, max_source_length, max_target_length, lang):
+    loaded = _loaded(ctx, key, lang)
+    ctx.policy.check_train_lengths(max_source_length, max_target_length)
+    stats = data_stats(ctx, loaded, max_source_length, max_target_length)
     from ..stats import reference_table
 
     headers = [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")]
@@ -231,30 +239,32 @@ def _table(rows, lang):
     return {"headers": [t(f"data.col_{c}", lang) for c in ("index", "split", "instruction", "output")], "data": rows}
 
 
-def on_preview(key, query, page, page_size, lang, delta=0):
-    loaded = _loaded_or_error(key, lang)
+@user_errors()
+def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0):
+    loaded = _loaded(ctx, key, lang)
+    page_size = page_size if page_size in PAGE_SIZES else PAGE_SIZES[0]
+    query = ctx.policy.check_text(query, "search", max_chars=200)
     table, page, n_pages, n_matches = preview_page(loaded.rows, query, int(page or 1) + delta, page_size)
     return _table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
 
 
-def on_search(key, query, page, page_size, lang):
-    return on_preview(key, query, 1, page_size, lang)  # a new query starts at its first page
+def on_search(ctx: AppContext, key, query, page, page_size, lang):
+    return on_preview(ctx, key, query, 1, page_size, lang)  # a new query starts at its first page
 
 
-def on_prev_page(key, query, page, page_size, lang):
-    return on_preview(key, query, page, page_size, lang, delta=-1)
+def on_prev_page(ctx: AppContext, key, query, page, page_size, lang):
+    return on_preview(ctx, key, query, page, page_size, lang, delta=-1)
 
 
-def on_next_page(key, query, page, page_size, lang):
-    return on_preview(key, query, page, page_size, lang, delta=1)
+def on_next_page(ctx: AppContext, key, query, page, page_size, lang):
+    return on_preview(ctx, key, query, page, page_size, lang, delta=1)
 
 
-def on_inspect(key, index, max_source_length, max_target_length, lang):
-    loaded = _loaded_or_error(key, lang)
-    try:
-        return inspect_record(loaded, int(index or 0), max_source_length, max_target_length, lang)
-    except RuozhiError as e:
-        raise gr.Error(str(e)) from None
+@user_errors()
+def on_inspect(ctx: AppContext, key, index, max_source_length, max_target_length, lang):
+    loaded = _loaded(ctx, key, lang)
+    ctx.policy.check_train_lengths(max_source_length, max_target_length)
+    return inspect_record(loaded, int(index or 0), max_source_length, max_target_length, lang)
 
 
 def on_row_select(evt: gr.SelectData):
@@ -268,8 +278,11 @@ def on_source_kind(kind, current):
     return value, gr.update(visible=show_upload)
 
 
-def on_upload(path):
-    return (str(path), "upload") if path else (gr.skip(), gr.skip())
+@user_errors("errors.load_failed")
+def on_upload(ctx: AppContext, path, token=None, request: gr.Request = None):
+    if not path:
+        return gr.skip(), gr.skip()
+    return save_upload(ctx, ctx.visitor_of(token, request), path), "upload"
 
 
 # --- layout and wiring -------------------------------------------------------------------
@@ -347,35 +360,40 @@ def build(ctx: AppContext) -> DataHandles:
             inspect_tokens = gr.HighlightedText(label=L("data.inspect_tokens"), color_map=TRAINED_COLORS,
                                                 show_legend=True, show_inline_category=False,
                                                 elem_id="data-inspect-tokens")
-    return DataHandles(tab, loaded_key, n_train, source_kind, upload, load_button, summary, search, page, page_size,
-                       prev_button, next_button, page_info, preview, stats_table, histograms, truncation,
-                       suggested_source, suggested_target, use_suggested, inspect_index, inspect_button,
-                       inspect_text, inspect_tokens, inspect_summary)
+    return DataHandles(
+        tab=tab, loaded_key=loaded_key, n_train=n_train, source_kind=source_kind, upload=upload,
+        load_button=load_button, summary=summary, search=search, page=page, page_size=page_size,
+        prev_button=prev_button, next_button=next_button, page_info=page_info, preview=preview,
+        stats_table=stats_table, histograms=histograms, truncation=truncation, suggested_source=suggested_source,
+        suggested_target=suggested_target, use_suggested=use_suggested, inspect_index=inspect_index,
+        inspect_button=inspect_button, inspect_text=inspect_text, inspect_tokens=inspect_tokens,
+        inspect_summary=inspect_summary)
 
 
 def wire(ctx: AppContext, h: DataHandles, max_source_length: gr.Number, max_target_length: gr.Number) -> DataHandles:
     """Connect the tab's events; the max-length inputs belong to the Train tab."""
     private = dict(api_visibility="private")
-    stats_io = dict(fn=on_stats, inputs=[h.loaded_key, max_source_length, max_target_length, ctx.lang],
+    stats_io = dict(fn=partial(on_stats, ctx), inputs=[h.loaded_key, max_source_length, max_target_length, ctx.lang],
                     outputs=[h.stats_table, h.histograms, h.truncation, h.suggested_source, h.suggested_target])
-    load_io = dict(fn=on_load, inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang],
+    load_io = dict(fn=partial(on_load, ctx),
+                   inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang, ctx.visitor],
                    outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search])
     h.load_event = h.load_button.click(**load_io, api_name="load_data")
     h.load_event.success(**stats_io, api_name="data_stats")
     h.source_kind.input(on_source_kind, [h.source_kind, ctx.data_source], [ctx.data_source, h.upload], **private)
-    (h.upload.upload(on_upload, [h.upload], [ctx.data_source, h.source_kind], **private)
+    (h.upload.upload(partial(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind], **private)
         .success(**load_io, **private).success(**stats_io, **private))
 
     page_io = dict(inputs=[h.loaded_key, h.search, h.page, h.page_size, ctx.lang],
                    outputs=[h.preview, h.page, h.page_info])
-    h.search.input(on_search, **page_io, trigger_mode="always_last", **private)
-    h.page.submit(on_preview, **page_io, api_name="preview_page")
-    h.page_size.input(on_preview, **page_io, **private)
-    h.prev_button.click(on_prev_page, **page_io, **private)
-    h.next_button.click(on_next_page, **page_io, **private)
+    h.search.input(partial(on_search, ctx), **page_io, trigger_mode="always_last", **private)
+    h.page.submit(partial(on_preview, ctx), **page_io, api_name="preview_page")
+    h.page_size.input(partial(on_preview, ctx), **page_io, **private)
+    h.prev_button.click(partial(on_prev_page, ctx), **page_io, **private)
+    h.next_button.click(partial(on_next_page, ctx), **page_io, **private)
 
-    inspect_io = dict(fn=on_inspect, inputs=[h.loaded_key, h.inspect_index, max_source_length, max_target_length,
-                                             ctx.lang],
+    inspect_io = dict(fn=partial(on_inspect, ctx),
+                      inputs=[h.loaded_key, h.inspect_index, max_source_length, max_target_length, ctx.lang],
                       outputs=[h.inspect_text, h.inspect_tokens, h.inspect_summary])
     h.inspect_button.click(**inspect_io, api_name="inspect_record")
     h.preview.select(on_row_select, None, [h.inspect_index], **private).success(**inspect_io, **private)

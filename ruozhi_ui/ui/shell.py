@@ -1,7 +1,8 @@
 """The app shell: top bar (model, trust_remote_code, language, dataset source), the three tabs, launch kwargs.
 
-`build_app(runner=None, runs_root=None)` composes the tabs around one AppContext;
-tests inject a JobRunner and a runs folder. `LAUNCH_KWARGS` is the one dict of
+`build_app(runner=None, runs_root=None, policy=None)` composes the tabs around one
+AppContext; tests inject a JobRunner, a runs folder and a policy (public mode is
+tested on 127.0.0.1 with `Policy(mode="public")`). `LAUNCH_KWARGS` is the one dict of
 theme/css/i18n that `app.py` and the tests both hand to `launch()`. No torch or
 transformers import happens here, so the page serves in a few seconds.
 """
@@ -12,17 +13,19 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import specs
 from ..checkpoints import runs_root as default_runs_root
 from ..config import DEFAULT_DATASET, DEFAULT_MODEL
 from ..data import MAX_FILE_BYTES
 from ..i18n import DEFAULT_LANG, gradio_i18n_tables, t
 from ..jobs import JobRunner
+from ..policy import TOKEN, Policy, new_token, policy_from_env
 from . import compare_tab, data_tab, train_tab
 from .context import AppContext
 
 L = gr.I18n()
-MODEL_CHOICES = (DEFAULT_MODEL, "demo")
 LANG_CHOICES = (("中文", "zh"), ("English", "en"))
+VISITOR_STORAGE_KEY = "ruozhi-visitor"
 CSS = """
 .rz-progress { margin: 4px 0 8px; }
 .rz-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
@@ -35,34 +38,30 @@ CSS = """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
 LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, i18n=gr.I18n(**gradio_i18n_tables()),
                      max_file_size=MAX_FILE_BYTES)
+# Gradio's own temp files (uploads are copied out of them at once) go after a day, checked hourly.
+DELETE_CACHE = (3600, 86400)
 
 
-def _is_local(value: str) -> bool:
-    return Path(value).expanduser().exists()
-
-
-def needs_hub(model_spec: str, source: str) -> bool:
+def needs_hub(model_spec: str, source: str, look_at_disk: bool = True) -> bool:
     """True when the model or the dataset would come from the Hugging Face Hub."""
-    spec, src = (model_spec or "").strip(), (source or "").strip()
-    hub_model = bool(spec) and spec.lower() != "demo" and not _is_local(spec)
-    hub_data = bool(src) and src != "sample" and not src.lower().endswith((".json", ".jsonl")) and not _is_local(src)
-    return hub_model or hub_data
+    return (specs.model_kind(model_spec or "", look_at_disk) == "hub"
+            or specs.data_kind(source or "", look_at_disk) == "hub")
 
 
-def offline_notice(model_spec: str, source: str, lang: str):
+def offline_notice(model_spec: str, source: str, lang: str, look_at_disk: bool = True):
     """After a failed load: offer the offline fallbacks when the Hub was involved."""
-    if not needs_hub(model_spec, source):
+    if not needs_hub(model_spec, source, look_at_disk):
         return gr.update(visible=False), ""
     return gr.update(visible=True), t("app.offline_notice", lang, model=model_spec, source=source)
 
 
 def use_demo_model(source: str):
     """Switch to the offline model; the notice stays while the dataset still needs the Hub."""
-    return "demo", gr.update(visible=needs_hub("demo", source))
+    return "demo", gr.update(visible=needs_hub("demo", source, look_at_disk=False))
 
 
 def use_bundled_sample(model_spec: str):
-    return "sample", "sample", gr.update(visible=needs_hub(model_spec, "sample"))
+    return "sample", "sample", gr.update(visible=needs_hub(model_spec, "sample", look_at_disk=False))
 
 
 def trust_warning(trusted: bool, lang: str):
@@ -73,22 +72,34 @@ def model_note(model_spec: str, lang: str) -> str:
     return t("app.demo_note", lang) if (model_spec or "").strip().lower() == "demo" else ""
 
 
-def build_app(runner: JobRunner | None = None, runs_root: Path | None = None) -> gr.Blocks:
-    """The whole UI. Tests pass their own runner (e.g. max_steps runs) and runs folder."""
+def ensure_visitor(token):
+    """Page load: the browser keeps its visitor token; a browser without one (or with a bad one) gets one."""
+    return token if isinstance(token, str) and TOKEN.match(token) else new_token()
+
+
+def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, policy: Policy | None = None) -> gr.Blocks:
+    """The whole UI. Tests pass their own runner (e.g. max_steps runs), runs folder and policy."""
     root = Path(runs_root) if runs_root else (runner.runs_root if runner else default_runs_root())
-    runner = runner or JobRunner(root)
+    policy = policy or policy_from_env(root)
+    runner = runner or JobRunner(policy.runs_root)
     private = dict(api_visibility="private")
-    with gr.Blocks(title="ruozhi-sft studio") as demo:
+    with gr.Blocks(title="ruozhi-sft studio", delete_cache=DELETE_CACHE) as demo:
+        visitor = gr.BrowserState(None, storage_key=VISITOR_STORAGE_KEY)
         with gr.Row(equal_height=True, elem_id="app-top"):
             gr.Markdown(L("app.title"), elem_id="app-title")
             lang = gr.Radio([list(c) for c in LANG_CHOICES], value=DEFAULT_LANG, label=L("app.lang"),
                             elem_id="app-lang", scale=0, min_width=200)
+        if policy.public:
+            gr.Markdown(L("app.public_mode"), elem_id="app-mode")
         with gr.Row(equal_height=True):
-            model_spec = gr.Dropdown(list(MODEL_CHOICES), value=DEFAULT_MODEL, allow_custom_value=True,
+            models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
+            model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=not policy.public,
                                      label=L("app.model"), info=L("app.model_info"), elem_id="app-model", scale=3)
             data_source = gr.Textbox(DEFAULT_DATASET, label=L("app.data_source"), info=L("app.data_source_info"),
                                      elem_id="app-data-source", scale=3)
-            trust = gr.Checkbox(False, label=L("app.trust_remote_code"), elem_id="app-trust", scale=1)
+            # Public mode: no checkbox at all; only the operator's allowlist runs remote code (policy).
+            trust = gr.State(False) if policy.public else gr.Checkbox(False, label=L("app.trust_remote_code"),
+                                                                     elem_id="app-trust", scale=1)
         trust_md = gr.Markdown(visible=False, elem_id="app-trust-warning")
         note_md = gr.Markdown(elem_id="app-model-note")
         with gr.Group(visible=False, elem_id="app-offline") as offline_group:
@@ -97,20 +108,24 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None) ->
                 demo_button = gr.Button(L("app.use_demo"), size="sm", elem_id="app-use-demo")
                 sample_button = gr.Button(L("app.use_sample"), size="sm", elem_id="app-use-sample")
 
-        ctx = AppContext(runner=runner, runs_root=root, model_spec=model_spec, trust_remote_code=trust,
-                         data_source=data_source, lang=lang)
+        ctx = AppContext(policy=policy, runner=runner, visitor=visitor, model_spec=model_spec,
+                         trust_remote_code=trust, data_source=data_source, lang=lang)
         with gr.Tabs(elem_id="app-tabs"):
             data = data_tab.build(ctx)
             train = train_tab.build(ctx, data.n_train)
             with gr.Tab(L("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
                 compare = compare_tab.build(ctx)
-        data_tab.wire(ctx, data, train.max_source_length, train.max_target_length)
-        compare_tab.wire_page_load(demo, compare_block, ctx, compare)
-        train_tab.wire_page_load(demo, ctx, train)
+        data_tab.wire(ctx, data, train.form["max_source_length"], train.form["max_target_length"])
+        visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private)
+        compare_tab.wire_page_load(visitor_known, compare_block, ctx, compare)
+        train_tab.wire_page_load(visitor_known, ctx, train)
 
-        trust.change(trust_warning, [trust, lang], [trust_md], **private)
+        if not policy.public:
+            trust.change(trust_warning, [trust, lang], [trust_md], **private)
         model_spec.change(model_note, [model_spec, lang], [note_md], **private)
-        data.load_event.failure(offline_notice, [model_spec, data_source, lang], [offline_group, offline_md], **private)
+        look = not policy.public  # a public page never learns whether a server path exists
+        data.load_event.failure(lambda m, s, lg: offline_notice(m, s, lg, look), [model_spec, data_source, lang],
+                                [offline_group, offline_md], **private)
         data.load_event.success(lambda: gr.update(visible=False), None, [offline_group], **private)
         demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],

@@ -1,10 +1,12 @@
 """The Train tab: the TrainConfig form, a pre-flight estimate, Start/Stop and the live view.
 
-Defaults are read from the TrainConfig dataclass, never restated. Start builds a
-TrainConfig (`build_train_config`) and hands it to the process's JobRunner; the
-live view is `render_status(snapshot, lang)`, a pure function fed by one always-on
-timer that skips when the snapshot's version has not changed, so a reloaded page
-or a second browser tab follows the same job. The training loop never runs here.
+Defaults are read from the TrainConfig dataclass, never restated. The form is a dict
+of components (`TrainHandles.form`) handed to Gradio as a set, so handlers receive
+values by field name. Start builds a TrainConfig (`build_train_config`), lets the
+policy bound it, and hands it to the machine's JobRunner for this visitor; the live
+view is `render_status(snapshot, lang)`, a pure function fed by a timer that runs
+only while a job does and skips when the snapshot's version has not changed, so a
+reloaded page or a second tab follows the same job. The training loop never runs here.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import gradio as gr
 
 from .. import plots
 from ..config import ModelConfig, TrainConfig, validate
-from ..errors import ConfigError, RuozhiError
+from ..errors import ConfigError
 from ..i18n import t
-from ..jobs import JobRunner, JobSnapshot
+from ..jobs import JobSnapshot
+from .boundary import md_code, md_text, user_errors
 from .context import AppContext
 
 L = gr.I18n()
@@ -44,11 +47,17 @@ def form_defaults() -> dict:
 def _number(name: str, value, kind):
     if value is None or value == "":
         raise ConfigError(f"{name} is empty; enter a number")
+    try:
+        number = float(value) if not isinstance(value, int) or isinstance(value, bool) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number")
     if kind is int:
-        if float(value) != int(float(value)):
+        if isinstance(number, float) and number != int(number):
             raise ConfigError(f"{name} must be a whole number, got {value}")
-        return int(float(value))
-    return float(value)
+        return int(number)
+    return float(number)
 
 
 def build_train_config(model_spec: str, trust_remote_code: bool, data_source: str, **form) -> TrainConfig:
@@ -73,10 +82,10 @@ def _fmt_count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
-def preflight_markdown(cfg: TrainConfig, n_train: int, lang: str) -> str:
+def preflight_markdown(cfg: TrainConfig, n_train: int, lang: str, check_config=None) -> str:
     from ..preflight import estimate
 
-    est = estimate(cfg, n_train)
+    est = estimate(cfg, n_train, check_config)
     steps = str(est.num_steps) if est.num_steps is not None else t("train.steps_unknown", lang)
     return t("train.estimate", lang, trained=_fmt_count(est.params_trained), total=_fmt_count(est.params_total),
              share=est.params_trained / max(1, est.params_total), steps=steps, mem=est.memory_gib,
@@ -122,100 +131,120 @@ def probes_markdown(snap: JobSnapshot, lang: str) -> str:
     for sample in snap.samples:
         out.append("#### " + t("train.probes_epoch", lang, epoch=sample.epoch, step=sample.step))
         for prompt, answer in sample.answers:
-            quoted = "\n".join("> " + line for line in (answer.strip() or "∅").splitlines())
-            out.append(f"**{prompt}**\n\n{quoted}\n")
+            quoted = "\n".join("> " + md_text(line) for line in (answer.strip() or "∅").splitlines())
+            out.append(f"**{md_text(prompt)}**\n\n{quoted}\n")
     return "\n".join(out)
 
 
-def checkpoints_markdown(snap: JobSnapshot, lang: str) -> str:
+def checkpoints_markdown(snap: JobSnapshot, lang: str, show_path=str) -> str:
     if not snap.checkpoints:
         return t("train.checkpoints_none", lang)
-    lines = [t("train.checkpoint_line", lang, epoch=c.epoch, step=c.step, path=c.path)
+    lines = [t("train.checkpoint_line", lang, epoch=c.epoch, step=c.step, path=md_code(show_path(c.path)))
              + (" — " + t("train.checkpoint_final", lang) if c.final else "") for c in snap.checkpoints]
     if snap.run_dir:
-        lines.append("\n" + t("train.run_dir", lang, path=snap.run_dir))
+        lines.append("\n" + t("train.run_dir", lang, path=md_code(show_path(snap.run_dir))))
     return "\n".join(f"- {line}" if not line.startswith("\n") else line for line in lines)
 
 
-def error_markdown(snap: JobSnapshot, lang: str) -> str:
+def error_markdown(snap: JobSnapshot, lang: str, redact=str) -> str:
     if snap.status != "failed":
         return ""
-    text = t("train.failed", lang, error=snap.error)
-    return text + ("\n\n" + t("train.hint", lang, hint=snap.hint) if snap.hint else "")
+    text = t("train.failed", lang, error=md_text(redact(snap.error)))
+    return text + ("\n\n" + t("train.hint", lang, hint=md_text(snap.hint)) if snap.hint else "")
 
 
-def render_status(snap: JobSnapshot, lang: str = "zh", now: float | None = None):
-    """(loss figure, progress html, probes markdown, checkpoints markdown, error markdown)."""
+def render_status(snap: JobSnapshot, lang: str = "zh", now: float | None = None, show_path=str, redact=str):
+    """(loss figure, progress html, probes markdown, checkpoints markdown, error markdown).
+    `show_path`/`redact` present paths as the visitor may see them (public mode: relative)."""
     if snap.status == "idle":
         figure = plots.empty_figure(t("train.chart_idle", lang))
     else:
         figure = plots.loss_figure(snap.steps, snap.evals, lang)
-    return (figure, progress_html(snap, lang, now), probes_markdown(snap, lang), checkpoints_markdown(snap, lang),
-            error_markdown(snap, lang))
+    return (figure, progress_html(snap, lang, now), probes_markdown(snap, lang),
+            checkpoints_markdown(snap, lang, show_path), error_markdown(snap, lang, redact))
 
 
-def poll_status(runner: JobRunner) -> dict:
-    """A JSON-able summary of the job, for API clients and tests."""
-    s = runner.snapshot()
-    last = s.last_step
-    return {"version": s.version, "status": s.status, "active": s.active, "run_dir": s.run_dir,
+def poll_status_dict(snap: JobSnapshot, show_path=str, redact=str) -> dict:
+    """A JSON-able summary of a job, for API clients and tests."""
+    last = snap.last_step
+    return {"version": snap.version, "status": snap.status, "active": snap.active, "run_dir": show_path(snap.run_dir),
             "step": last.step if last else 0,
-            "num_steps": s.started.num_steps if s.started else (last.num_steps if last else 0),
+            "num_steps": snap.started.num_steps if snap.started else (last.num_steps if last else 0),
             "epoch": last.epoch if last else 0.0, "loss": last.loss if last else None,
-            "losses": [e.loss for e in s.steps][-50:], "val_losses": [e.val_loss for e in s.evals],
-            "checkpoints": [c.path for c in s.checkpoints], "error": s.error, "hint": s.hint}
+            "losses": [e.loss for e in snap.steps][-50:], "val_losses": [e.val_loss for e in snap.evals],
+            "checkpoints": [show_path(c.path) for c in snap.checkpoints], "error": redact(snap.error), "hint": snap.hint}
 
 
-# --- Gradio boundary -------------------------------------------------------------------------
-def _config_from_widgets(model_spec, trust_remote_code, data_source, values, lang):
-    try:
-        return build_train_config(model_spec, trust_remote_code, data_source, **dict(zip(FORM_FIELDS, values)))
-    except RuozhiError as e:
-        raise gr.Error(t("errors.config", lang, error=str(e))) from None
+# --- Gradio handlers -------------------------------------------------------------------------
+def visitor_view(ctx: AppContext, token, request):
+    """(visitor, their job's snapshot, path presenter, text redactor)."""
+    visitor = ctx.visitor_of(token, request)
+    snap = ctx.runner.snapshot_for(visitor.id) if ctx.policy.public else ctx.runner.snapshot()
+    return (visitor, snap, lambda path: ctx.policy.show_path(path, visitor),
+            lambda text: ctx.policy.redact(text, visitor))
 
 
-def on_start(runner: JobRunner, model_spec, trust_remote_code, data_source, lang, *values):
-    cfg = _config_from_widgets(model_spec, trust_remote_code, data_source, values, lang)
-    try:
-        runner.start(cfg)
-    except RuozhiError as e:  # JobConflict, or a ConfigError from validate
-        raise gr.Error(t("errors.start_failed", lang, error=str(e))) from None
-    return t("train.started", lang, run_name=cfg.run_name)
+def poll_status(ctx: AppContext, token: str | None = None, request: gr.Request = None) -> dict:
+    """The visitor's job as JSON (`/poll_status`); in public mode never another visitor's."""
+    _, snap, show, redact = visitor_view(ctx, token, request)
+    return poll_status_dict(snap, show, redact)
 
 
-def on_fetch_model(model_spec, lang, progress=gr.Progress(track_tqdm=True)):
+def _config(ctx: AppContext, visitor, model_spec, trust_remote_code, data_source, form: dict) -> TrainConfig:
+    cfg = build_train_config(model_spec, trust_remote_code, data_source, **form)
+    return ctx.policy.check_train_config(cfg, visitor)
+
+
+@user_errors("errors.start_failed")
+def on_start(ctx: AppContext, model_spec, trust_remote_code, data_source, lang, token=None, request=None, **form):
+    visitor = ctx.visitor_of(token, request)
+    cfg = _config(ctx, visitor, model_spec, trust_remote_code, data_source, form)
+    busy = ctx.runner.busy_for(visitor.id)
+    if busy:  # before touching the disk: nothing of the other run is said but how long it has left
+        from ..errors import JobConflict
+
+        raise JobConflict(busy)
+    ctx.policy.make_room(visitor)
+    ctx.runner.start(cfg, owner=visitor.id, runs_root=visitor.runs_root)
+    return t("train.started", lang, run_name=md_code(cfg.run_name))
+
+
+@user_errors("errors.start_failed")
+def on_fetch_model(ctx: AppContext, model_spec, lang, progress=gr.Progress(track_tqdm=True)):
     """Before Start: download a Hub model here, in an event, so the page shows the download's progress."""
     from ..models import fetch_model_files  # lazy: torch loads on first use, not at app start
 
-    try:
-        fetch_model_files(model_spec or "")
-    except RuozhiError as e:
-        raise gr.Error(t("errors.start_failed", lang, error=str(e))) from None
+    fetch_model_files(ctx.policy.check_model(model_spec or ""))
 
 
-def on_stop(runner: JobRunner, lang):
-    return t("train.stop_requested" if runner.stop() else "train.nothing_to_stop", lang)
+def on_stop(ctx: AppContext, lang, token=None, request: gr.Request = None):
+    visitor = ctx.visitor_of(token, request)
+    stopped = ctx.runner.stop(owner=visitor.id if ctx.policy.public else None)
+    return t("train.stop_requested" if stopped else "train.nothing_to_stop", lang)
 
 
-def on_estimate(model_spec, trust_remote_code, data_source, n_train, lang, *values):
-    cfg = _config_from_widgets(model_spec, trust_remote_code, data_source, values, lang)
-    try:
-        return preflight_markdown(cfg, int(n_train or 0), lang)
-    except RuozhiError as e:
-        return t("train.estimate_failed", lang, error=str(e))  # advisory only: the run may still work
+@user_errors("train.estimate_failed")
+def on_estimate(ctx: AppContext, model_spec, trust_remote_code, data_source, n_train, lang, token=None,
+                request=None, **form):
+    visitor = ctx.visitor_of(token, request)
+    cfg = _config(ctx, visitor, model_spec, trust_remote_code, data_source, form)
+    return preflight_markdown(cfg, int(n_train or 0), lang, ctx.policy.check_config_shape)
 
 
-def on_tick(runner: JobRunner, last_version, lang):
-    snap = runner.snapshot()
+def on_tick(ctx: AppContext, last_version, lang, token=None, request: gr.Request = None):
+    """Timer tick: the visitor's snapshot when it changed; the timer stops once no job of theirs runs."""
+    _, snap, show, redact = visitor_view(ctx, token, request)
+    timer = gr.Timer(active=snap.active)
     if snap.version == last_version:
-        return (gr.skip(),) * 6
-    return (snap.version, *render_status(snap, lang))
+        return (gr.skip(),) * 6 + (timer,)
+    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), timer)
 
 
-def on_refresh(runner: JobRunner, lang):
-    """Page load and language switch: always push the current snapshot."""
-    snap = runner.snapshot()
-    return (snap.version, *render_status(snap, lang))
+def on_refresh(ctx: AppContext, lang, token=None, request: gr.Request = None):
+    """Page load and language switch: always push the visitor's current snapshot (and start the timer
+    when their job runs)."""
+    _, snap, show, redact = visitor_view(ctx, token, request)
+    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), gr.Timer(active=snap.active))
 
 
 def form_values_from_config(config: dict) -> dict:
@@ -223,9 +252,9 @@ def form_values_from_config(config: dict) -> dict:
     return {name: (config["data"] if name in DATA_FIELDS else config)[name] for name in FORM_FIELDS}
 
 
-def on_page_load_form(runner: JobRunner):
-    """A reloaded page shows the running job's settings, not the defaults (top bar, then FORM_FIELDS)."""
-    snap = runner.snapshot()
+def on_page_load_form(ctx: AppContext, token=None, request: gr.Request = None):
+    """A reloaded page shows the visitor's running job's settings, not the defaults (top bar, then FORM_FIELDS)."""
+    _, snap, _, _ = visitor_view(ctx, token, request)
     if not snap.active or not snap.config:
         return (gr.skip(),) * (3 + len(FORM_FIELDS))
     c, values = snap.config, form_values_from_config(snap.config)
@@ -241,9 +270,7 @@ def on_method(method):
 @dataclass
 class TrainHandles:
     tab: gr.Tab
-    inputs: dict  # form field name -> component, in FORM_FIELDS order
-    max_source_length: gr.Number
-    max_target_length: gr.Number
+    form: dict  # form field name -> component, in FORM_FIELDS order
     estimate_button: gr.Button
     estimate: gr.Markdown
     start_button: gr.Button
@@ -259,7 +286,15 @@ class TrainHandles:
 
     @property
     def live_outputs(self) -> list:
-        return [self.last_version, self.loss_chart, self.progress, self.probes, self.checkpoints, self.error]
+        return [self.last_version, self.loss_chart, self.progress, self.probes, self.checkpoints, self.error,
+                self.timer]
+
+
+def by_name(fn, named: dict):
+    """A handler for `inputs=set(named.values())`: Gradio passes {component: value}, `fn` gets keywords."""
+    def handler(data: dict, request: gr.Request):
+        return fn(**{name: data[component] for name, component in named.items()}, request=request)
+    return handler
 
 
 def _num(name: str, d: dict, **kw) -> gr.Number:
@@ -271,34 +306,37 @@ def _num(name: str, d: dict, **kw) -> gr.Number:
 def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
     """Lay the tab out and wire it; `n_train` (the Data tab's loaded count) feeds the step estimate."""
     d = form_defaults()
+    form = {}
     with gr.Tab(L("train.tab"), id="train", elem_id="tab-train") as tab:
         with gr.Row():
             with gr.Column(scale=2):
-                method = gr.Radio([(L("train.method_full"), "full"), (L("train.method_lora"), "lora")],
-                                  value=d["method"], label=L("train.method"), elem_id="train-method")
+                form["method"] = gr.Radio([(L("train.method_full"), "full"), (L("train.method_lora"), "lora")],
+                                          value=d["method"], label=L("train.method"), elem_id="train-method")
                 with gr.Group(visible=d["method"] == "lora") as lora_group:
                     with gr.Row():
-                        lora_rank, lora_alpha = _num("lora_rank", d, minimum=1), _num("lora_alpha", d, minimum=1)
-                        lora_dropout = _num("lora_dropout", d, minimum=0, maximum=0.99)
-                    save_merged = gr.Checkbox(value=d["save_merged"], label=L("train.save_merged"),
-                                              elem_id="train-save-merged")
+                        form["lora_rank"] = _num("lora_rank", d, minimum=1)
+                        form["lora_alpha"] = _num("lora_alpha", d, minimum=1)
+                        form["lora_dropout"] = _num("lora_dropout", d, minimum=0, maximum=0.99)
+                    form["save_merged"] = gr.Checkbox(value=d["save_merged"], label=L("train.save_merged"),
+                                                      elem_id="train-save-merged")
                 with gr.Row():
-                    epochs, batch_size = _num("epochs", d, minimum=1), _num("batch_size", d, minimum=1)
-                    grad_accum_steps = _num("grad_accum_steps", d, minimum=1)
+                    form["epochs"], form["batch_size"] = _num("epochs", d, minimum=1), _num("batch_size", d, minimum=1)
+                    form["grad_accum_steps"] = _num("grad_accum_steps", d, minimum=1)
                 with gr.Row():
-                    lr = _num("lr", d, minimum=0)
-                    lr_schedule = gr.Dropdown(["constant", "cosine"], value=d["lr_schedule"],
-                                              label=L("train.lr_schedule"), elem_id="train-lr-schedule")
-                    warmup_steps = _num("warmup_steps", d, minimum=0)
+                    form["lr"] = _num("lr", d, minimum=0)
+                    form["lr_schedule"] = gr.Dropdown(["constant", "cosine"], value=d["lr_schedule"],
+                                                      label=L("train.lr_schedule"), elem_id="train-lr-schedule")
+                    form["warmup_steps"] = _num("warmup_steps", d, minimum=0)
                 with gr.Row():
-                    max_source_length = _num("max_source_length", d, minimum=8)
-                    max_target_length = _num("max_target_length", d, minimum=1)
-                    packing = gr.Checkbox(value=d["packing"], label=L("train.packing"), elem_id="train-packing")
-                run_name = gr.Textbox(value=d["run_name"], label=L("train.run_name"), elem_id="train-run-name")
+                    form["max_source_length"] = _num("max_source_length", d, minimum=8)
+                    form["max_target_length"] = _num("max_target_length", d, minimum=1)
+                    form["packing"] = gr.Checkbox(value=d["packing"], label=L("train.packing"), elem_id="train-packing")
+                form["run_name"] = gr.Textbox(value=d["run_name"], label=L("train.run_name"), elem_id="train-run-name")
                 with gr.Accordion(L("train.advanced"), open=False):
                     with gr.Row():
-                        max_steps, seed = _num("max_steps", d, minimum=0), _num("seed", d)
-                        weight_decay, max_grad_norm = _num("weight_decay", d, minimum=0), _num("max_grad_norm", d, minimum=0)
+                        form["max_steps"], form["seed"] = _num("max_steps", d, minimum=0), _num("seed", d)
+                        form["weight_decay"] = _num("weight_decay", d, minimum=0)
+                        form["max_grad_norm"] = _num("max_grad_norm", d, minimum=0)
             with gr.Column(scale=1):
                 estimate_button = gr.Button(L("train.estimate_button"), elem_id="train-estimate-button")
                 estimate = gr.Markdown(elem_id="train-estimate")
@@ -314,36 +352,43 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
                 probes = gr.Markdown(elem_id="train-probes")
             with gr.Column(scale=1):
                 checkpoints = gr.Markdown(elem_id="train-checkpoints")
-        timer, last_version = gr.Timer(1.0), gr.State(-1)
+        timer, last_version = gr.Timer(1.0, active=False), gr.State(-1)
 
-    local = locals()
-    inputs = {name: local[name] for name in FORM_FIELDS}
-    h = TrainHandles(tab, inputs, max_source_length, max_target_length, estimate_button, estimate, start_button,
-                     stop_button, action_status, progress, loss_chart, error, probes, checkpoints, timer,
-                     last_version)
-    _wire(ctx, h, method, lora_group, n_train)
+    h = TrainHandles(tab=tab, form={name: form[name] for name in FORM_FIELDS}, estimate_button=estimate_button,
+                     estimate=estimate, start_button=start_button, stop_button=stop_button,
+                     action_status=action_status, progress=progress, loss_chart=loss_chart, error=error,
+                     probes=probes, checkpoints=checkpoints, timer=timer, last_version=last_version)
+    _wire(ctx, h, form["method"], lora_group, n_train)
     return h
 
 
 def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Group, n_train: gr.State) -> None:
     private = dict(api_visibility="private")
-    form = list(h.inputs.values())
-    top = [ctx.model_spec, ctx.trust_remote_code, ctx.data_source]
+    named = dict(model_spec=ctx.model_spec, trust_remote_code=ctx.trust_remote_code, data_source=ctx.data_source,
+                 lang=ctx.lang, token=ctx.visitor, **h.form)
     method.change(on_method, [method], [lora_group], **private)
-    h.start_button.click(on_fetch_model, [ctx.model_spec, ctx.lang], None, **private).success(
-        partial(on_start, ctx.runner), top + [ctx.lang] + form, [h.action_status], api_name="start_training")
-    h.stop_button.click(partial(on_stop, ctx.runner), [ctx.lang], [h.action_status], api_name="stop_training")
-    estimate_io = dict(inputs=top + [n_train, ctx.lang] + form, outputs=[h.estimate])
-    h.estimate_button.click(on_estimate, **estimate_io, api_name="estimate")
-    n_train.change(on_estimate, **estimate_io, **private)
-    h.timer.tick(partial(on_tick, ctx.runner), [h.last_version, ctx.lang], h.live_outputs, **private,
+    h.start_button.click(partial(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None, **private).success(
+        by_name(partial(on_start, ctx), named), set(named.values()), [h.action_status], api_name="start_training"
+    ).success(lambda: gr.Timer(active=True), None, [h.timer], **private)
+    h.stop_button.click(partial(on_stop, ctx), [ctx.lang, ctx.visitor], [h.action_status], api_name="stop_training")
+    estimate_named = dict(named, n_train=n_train)
+    estimate_io = dict(fn=by_name(partial(on_estimate, ctx), estimate_named), inputs=set(estimate_named.values()),
+                       outputs=[h.estimate])
+    h.estimate_button.click(**estimate_io, api_name="estimate")
+    n_train.change(**estimate_io, **private)
+    h.timer.tick(partial(on_tick, ctx), [h.last_version, ctx.lang, ctx.visitor], h.live_outputs, **private,
                  show_progress="hidden")
-    ctx.lang.change(partial(on_refresh, ctx.runner), [ctx.lang], h.live_outputs, **private)
+    ctx.lang.change(partial(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, **private)
 
 
-def wire_page_load(demo: gr.Blocks, ctx: AppContext, h: TrainHandles) -> None:
-    """A reloaded page or a second tab shows the running job at once; `poll_status` for API clients."""
-    demo.load(partial(on_refresh, ctx.runner), [ctx.lang], h.live_outputs, api_visibility="private")
-    demo.load(partial(on_page_load_form, ctx.runner), None,
-              [ctx.model_spec, ctx.trust_remote_code, ctx.data_source, *h.inputs.values()], api_visibility="private")
-    gr.api(partial(poll_status, ctx.runner), api_name="poll_status")  # outside gr.Tabs: it is not a component
+def wire_page_load(load_event, ctx: AppContext, h: TrainHandles) -> None:
+    """After the visitor is known: a reloaded page or a second tab shows the visitor's running job at once."""
+    load_event.then(partial(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, api_visibility="private")
+    load_event.then(partial(on_page_load_form, ctx), [ctx.visitor],
+                    [ctx.model_spec, ctx.trust_remote_code, ctx.data_source, *h.form.values()],
+                    api_visibility="private")
+
+    def poll(token: str | None = None, request: gr.Request = None) -> dict:  # gr.api reads these hints
+        return poll_status(ctx, token, request)
+
+    gr.api(poll, api_name="poll_status")  # outside gr.Tabs: it is not a component

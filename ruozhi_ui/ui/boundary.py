@@ -1,0 +1,85 @@
+"""The boundary between handlers and the page: user errors, escaping, the visitor a request is from.
+
+`user_errors(key)` is the one decorator that turns a RuozhiError raised inside a
+handler into a `gr.Error` in the page: in the chosen language, HTML-escaped (a
+toast renders HTML) and, in public mode, without server paths. Anything else is a
+bug and propagates to Gradio's generic error. `md_text`/`md_code` make user or
+model text safe inside Markdown: images and links show as text and fetch nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import re
+import sys
+
+import gradio as gr
+
+from ..errors import RuozhiError, first_line
+from ..i18n import DEFAULT_LANG, t
+
+_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def md_text(text) -> str:
+    """Plain text inside Markdown: HTML escaped, Markdown punctuation backslash-escaped."""
+    return _MD_PUNCT.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def md_code(text) -> str:
+    """Inline code (paths, ids): shown literally; a backtick inside cannot close the span."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
+
+
+def _lang_of(arguments: dict) -> str:
+    lang = arguments.get("lang")
+    if lang is None:
+        ctx = arguments.get("ctx")
+        for value in arguments.values():  # handlers fed a dict of components carry the language in it
+            if isinstance(value, dict) and ctx is not None and ctx.lang in value:
+                lang = value[ctx.lang]
+    return lang if lang in ("zh", "en") else DEFAULT_LANG
+
+
+def error_message(error: RuozhiError, arguments: dict, key: str | None) -> str:
+    ctx = arguments.get("ctx")
+    text = ctx.policy.redact(str(error)) if ctx is not None else str(error)
+    text = html.escape(text, quote=False)  # a toast renders HTML: a tag in a message must show as text
+    lang = _lang_of(arguments)
+    print(f"user error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)  # one line, no traceback
+    return t(key, lang, error=text) if key else text
+
+
+def user_errors(key: str | None = None):
+    """Decorate a handler (function or generator): RuozhiError -> gr.Error(t(key, error=...))."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        def raise_for(error, args, kwargs):
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+            raise gr.Error(error_message(error, arguments, key), print_exception=False) from None
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def generator(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except RuozhiError as e:
+                    raise_for(e, args, kwargs)
+            return generator
+
+        @functools.wraps(fn)
+        def function(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RuozhiError as e:
+                raise_for(e, args, kwargs)
+        return function
+    return wrap
+
+
+def session_of(request) -> str:
+    """The Gradio session of a request ('' outside a request, e.g. in tests)."""
+    return getattr(request, "session_hash", None) or ""
