@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     policy = policy_from_env(runs_root(), host)  # public on a Space or any non-loopback host; RUOZHI_MODE decides
     print(f"ruozhi-sft studio: {policy.mode} mode on {host}:{args.port}")
     demo = build_app(policy=policy)
-    demo.launch(server_name=host, server_port=args.port, **LAUNCH_KWARGS)
+    # Gradio refuses a bigger upload itself, before it fills the temp folder.
+    demo.launch(server_name=host, server_port=args.port, **{**LAUNCH_KWARGS, "max_file_size": policy.limits.upload_mb * 2**20})
 
 
 if __name__ == "__main__":

@@ -363,7 +363,7 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
-    splits = load_source(cfg.data.source, cfg.data.val_fraction, cfg.data.seed)
+    splits = load_source(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, uploads_dir=root / ckpt.UPLOADS_DIR)
     d = cfg.data
     encode = lambda rs: encode_records(tokenizer, rs, d.system_prompt, d.max_source_length, d.max_target_length)
     train_ex, val_ex = encode(splits.train), encode(splits.val)

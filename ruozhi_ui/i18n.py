@@ -22,7 +22,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "app.trust_remote_code": {"zh": "trust_remote_code", "en": "trust_remote_code"},
     "app.trust_warning": {"zh": "⚠️ 已开启 trust_remote_code：加载模型时会执行模型仓库自带的 Python 代码。只对你信任的模型开启。", "en": "⚠️ trust_remote_code is on: loading the model runs Python code shipped with its repository. Only enable it for models you trust."},
     "app.demo_note": {"zh": "ℹ️ 正在使用 demo 模型：约 1M 参数、随机初始化的离线小模型，只用于演示流程，回答没有意义。", "en": "ℹ️ Using the demo model: a ~1M-parameter, randomly initialised offline model for trying the workflow; its answers are meaningless."},
-    "app.offline_notice": {"zh": "**无法从 Hugging Face Hub 加载**（模型 `{model}` / 数据 `{source}`）。如果这台机器离线，可以改用内置的 demo 模型和样例数据：", "en": "**Could not load from the Hugging Face Hub** (model `{model}` / data `{source}`). If this machine is offline, switch to the built-in demo model and the bundled sample:"},
+    "app.offline_notice": {"zh": "**无法从 Hugging Face Hub 加载**（模型 {model} / 数据 {source}）。如果这台机器离线，可以改用内置的 demo 模型和样例数据：", "en": "**Could not load from the Hugging Face Hub** (model {model} / data {source}). If this machine is offline, switch to the built-in demo model and the bundled sample:"},
     "app.use_demo": {"zh": "使用 demo 模型", "en": "Use demo model"},
     "app.use_sample": {"zh": "使用内置样例数据", "en": "Use bundled sample"},
     "app.compare_tab": {"zh": "对比", "en": "Compare"},

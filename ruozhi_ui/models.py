@@ -159,11 +159,17 @@ def _load_error(spec: str, what: str, e: Exception) -> ModelLoadError:
 def check_weights_match(spec: str, info: dict) -> None:
     """Refuse weights that do not fill the model the config describes: transformers would leave the
     missing tensors randomly initialised and train them silently."""
-    problems = [(name, sorted(info.get(key) or ())) for name, key in
+    def named(key) -> str:  # mismatched entries are (name, checkpoint shape, model shape)
+        if isinstance(key, tuple):
+            return f"{key[0]} {list(key[1])} in the weights, {list(key[2])} in the config"
+        return str(key)
+
+    problems = [(name, sorted(info.get(key) or (), key=str)) for name, key in
                 (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))]
     problems = [(name, keys) for name, keys in problems if keys]
     if problems:
-        detail = "; ".join(f"{len(keys)} {name} (first: {', '.join(str(k) for k in keys[:3])})" for name, keys in problems)
+        detail = "; ".join(f"{len(keys)} {name} (first: {', '.join(named(k) for k in keys[:3])})"
+                           for name, keys in problems)
         raise ModelLoadError(f"The weights of '{spec}' do not match its config.json: {detail}. "
                              "The config and the safetensors files must come from the same model")
 

@@ -134,11 +134,13 @@ class Policy:
         if not source:
             raise PolicyError("No dataset source given: use 'sample', upload a file, or a Hub id like 'owner/name'")
         kind = specs.data_kind(source, look_at_disk=not self.public)
-        if kind == "upload":
-            name = specs.upload_name(source)
-            if safe_file_name(name) != name or not (visitor.uploads / name).is_file():
+        name = specs.upload_name(source)
+        if kind == "upload" and name and safe_file_name(name) == name:
+            if not (visitor.uploads / name).is_file():
                 raise PolicyError(f"No uploaded file '{name}' in this session: upload it again")
             return source
+        if kind == "upload":
+            kind = "invalid"  # a name with a folder in it: never a path, in either mode
         if kind in ("sample", "hub") or (kind == "path" and not self.public):
             if kind == "hub" and self.public and Path(specs.split_hub_dataset(source)[0]).exists():
                 raise PolicyError(f"'{source}' is not a Hub dataset id this app can load")  # a local folder
@@ -198,6 +200,7 @@ class Policy:
         lim = self.limits
         spec = self.check_model(cfg.model.spec)
         source = self.check_data_source(cfg.data.source, visitor)
+        check_text(cfg.run_name, "run_name", max_chars=1000)
         for name, value in (("system_prompt", cfg.data.system_prompt), *(("probe prompt", p) for p in cfg.probe_prompts)):
             check_text(value, name, multiline=True, max_chars=lim.text_chars)
         bounds = [("epochs", cfg.epochs, lim.epochs), ("max_steps", cfg.max_steps, lim.max_steps),

@@ -206,6 +206,17 @@ def test_compare_answers_a_reference_prompt_in_both_labelled_panes(browser_page)
 
 
 # --- 4. Network -----------------------------------------------------------------------------
+def test_markup_in_a_source_is_shown_as_text_and_fetches_nothing(browser_page):
+    page, _ = browser_page
+    hostile = "![x](http://example.invalid/x.png)<img src=http://example.invalid/y.png>"
+    _open_tab(page, "data")
+    page.locator("#app-data-source textarea").fill(hostile)
+    page.locator("#data-load").click()
+    toast = page.locator(".toast-body").last
+    expect(toast).to_contain_text("<img src=http://example.invalid/y.png>")  # the tag as text, not an image
+    assert page.locator(".toast-body img").count() == 0
+
+
 def test_no_request_left_localhost(browser_page):
     _, guard = browser_page
     assert guard.seen, "the route handler saw no requests at all"

@@ -181,3 +181,50 @@ def test_file_source_is_split_with_the_given_fraction(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", alpaca(20))
     splits = load_source(str(path), val_fraction=0.1, seed=3)
     assert (len(splits.train), len(splits.val), splits.val_from_source) == (18, 2, False)
+
+
+# --- hostile files: every way JSON parsing can fail is one DataFormatError line ------------------
+@pytest.mark.parametrize("name,content,message", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: the JSON is nested too deeply to be a record"),
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "deep.jsonl: line 1: the JSON is nested too deeply"),
+    ("bigint.json", '[{"instruction": "a", "output": ' + "9" * 5000 + "}]", "bigint.json: invalid JSON value (Exceeds"),
+    ("surrogate.json", '[{"instruction": "a\\ud800", "output": "b"}]',
+     "surrogate.json: record 0: field 'instruction' contains an invalid character (lone surrogate U+D800)"),
+    ("nul.jsonl", '{"instruction": "a", "output": "b\\u0000"}\n', "nul.jsonl: line 1: field 'output' contains a NUL"),
+])
+def test_hostile_json_is_a_one_line_data_error(tmp_path, name, content, message):
+    from ruozhi_ui.errors import DataFormatError
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFormatError) as e:
+        data.read_records_file(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("source", ["csv@/etc/passwd", "json@/tmp/**/*.js?n", "json@http://127.0.0.1:9/x",
+                                    "text@/etc/hostname"])
+def test_builder_prefixes_are_never_a_source(source):
+    from ruozhi_ui.errors import DataFormatError
+
+    with pytest.raises(DataFormatError, match="is neither 'sample'"):
+        data.load_source(source)
+
+
+def test_an_upload_source_reads_only_from_the_uploads_folder(tmp_path):
+    from ruozhi_ui.errors import DataFormatError
+
+    (tmp_path / "mine.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]')
+    assert data.load_source("upload:mine.json", uploads_dir=tmp_path).origin == "mine.json"
+    with pytest.raises(DataFormatError, match="No uploaded file"):
+        data.load_source("upload:mine.json")
+    with pytest.raises(DataFormatError):
+        data.load_source("upload:../mine.json", uploads_dir=tmp_path / "sub")
+
+
+def test_a_hub_dataset_over_the_size_limit_is_refused_before_downloading(monkeypatch):
+    from ruozhi_ui.errors import DataFormatError
+
+    monkeypatch.setattr(data, "hub_dataset_bytes", lambda repo, file: 300 * 2**20)
+    with pytest.raises(DataFormatError, match="the dataset is 300 MB, over this app's 50 MB limit"):
+        data.load_source("owner/big", max_hub_bytes=50 * 2**20)

@@ -86,3 +86,31 @@ def test_unfinished_checkpoint_folders_are_not_listed(tmp_path, demo_dir):
     (run / ".tmp-epoch-2-1-1").mkdir()
     (run / ".tmp-epoch-2-1-1" / "config.json").write_text(json.dumps({}))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["final"]
+
+
+def _edited_copy(demo_dir, tmp_path, **changes):
+    import json
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(demo_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_hidden_layers=4, layer_types=None), "24 missing (first: model.layers.2.input_layernorm.weight"),
+    (dict(model_type="llama", architectures=["LlamaForCausalLM"]), "6 unexpected (first: model.layers.0.self_attn.k_proj.bias"),
+    (dict(intermediate_size=400), "6 mis-shaped (first: model.layers.0.mlp.down_proj.weight"),
+])
+def test_weights_that_do_not_fill_their_config_are_refused_naming_the_tensors(demo_dir, tmp_path, changes, message):
+    from ruozhi_ui.errors import ModelLoadError
+    from ruozhi_ui.models import load_model
+
+    folder = _edited_copy(demo_dir, tmp_path, **changes)
+    with pytest.raises(ModelLoadError, match="do not match its config.json") as e:
+        load_model(str(folder), device=torch.device("cpu"))
+    assert message in str(e.value)

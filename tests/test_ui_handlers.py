@@ -273,3 +273,24 @@ def test_start_needs_no_download_for_the_demo_model(monkeypatch, demo_dir):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
     on_fetch_model(local_ctx(Path("runs")), "demo", "en")
+
+
+# --- nothing a user or a model writes is rendered as Markdown or HTML -------------------------
+IMAGE = "![x](http://example.invalid/x.png) <img src=http://example.invalid/y>"
+
+
+def test_probe_answers_and_prompts_show_images_and_tags_as_text():
+    snap = JobSnapshot(version=1, status="running", samples=(SampleGenerated(step=1, epoch=1, answers=((IMAGE, IMAGE),)),))
+    text = train_tab.probes_markdown(snap, "en")
+    assert "![x](" not in text and "<img" not in text and "\\!\\[x\\]" in text and "&lt;img" in text
+
+
+def test_a_failed_runs_error_is_escaped():
+    snap = JobSnapshot(version=1, status="failed", error=f"DataFormatError: {IMAGE}")
+    text = train_tab.error_markdown(snap, "en")
+    assert "![x](" not in text and "<img" not in text
+
+
+def test_the_offline_notice_quotes_the_source_as_code():
+    _, text = shell.offline_notice(DEFAULT_MODEL, "owner/x` ![y](http://example.invalid/z)", "en")
+    assert "`owner/x' ![y](http://example.invalid/z)`" in text

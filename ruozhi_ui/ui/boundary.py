@@ -14,6 +14,7 @@ import html
 import inspect
 import re
 import sys
+import typing
 
 import gradio as gr
 
@@ -52,6 +53,34 @@ def error_message(error: RuozhiError, arguments: dict, key: str | None) -> str:
     return t(key, lang, error=text) if key else text
 
 
+def resolved_hints(fn) -> dict:
+    """`fn`'s annotations evaluated in its own module. Gradio reads a handler's hints to inject gr.Request;
+    a wrapper defined elsewhere would have them evaluated in the wrong module (or not at all)."""
+    try:
+        return typing.get_type_hints(inspect.unwrap(fn))
+    except (NameError, TypeError):
+        return {}
+
+
+def bind(fn, *bound):
+    """`fn` with its first arguments bound, as a Gradio handler. Unlike functools.partial (which Gradio
+    reads as an opaque callable), the handler keeps its remaining parameters' signature and resolved
+    annotations, so Gradio injects gr.Request, and a generator stays a generator (streams)."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())[len(bound):]
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args, **kwargs):
+            yield from fn(*bound, *args, **kwargs)
+    else:
+        def handler(*args, **kwargs):
+            return fn(*bound, *args, **kwargs)
+    functools.update_wrapper(handler, fn)
+    names = {p.name for p in params} | {"return"}
+    handler.__signature__ = signature.replace(parameters=params)
+    handler.__annotations__ = {k: v for k, v in resolved_hints(fn).items() if k in names}
+    return handler
+
+
 def user_errors(key: str | None = None):
     """Decorate a handler (function or generator): RuozhiError -> gr.Error(t(key, error=...))."""
     def wrap(fn):
@@ -68,6 +97,7 @@ def user_errors(key: str | None = None):
                     yield from fn(*args, **kwargs)
                 except RuozhiError as e:
                     raise_for(e, args, kwargs)
+            generator.__annotations__ = resolved_hints(fn)
             return generator
 
         @functools.wraps(fn)
@@ -76,6 +106,7 @@ def user_errors(key: str | None = None):
                 return fn(*args, **kwargs)
             except RuozhiError as e:
                 raise_for(e, args, kwargs)
+        function.__annotations__ = resolved_hints(fn)
         return function
     return wrap
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -26,7 +25,7 @@ from ..errors import ConfigError, GenerationError, RuozhiError
 from ..i18n import t
 from ..models import fetch_model_files
 from ..policy import Visitor
-from .boundary import user_errors
+from .boundary import bind, user_errors
 from .context import AppContext
 
 AB_DEFAULT_PROMPTS = 50
@@ -405,13 +404,13 @@ def build(ctx: AppContext) -> CompareHandles:
 
 def _wire(h: CompareHandles, ctx: AppContext) -> None:
     private = dict(api_visibility="private")
-    h.refresh.click(partial(refresh_checkpoints, ctx), [h.checkpoint, ctx.visitor], [h.checkpoint], queue=False,
+    h.refresh.click(bind(refresh_checkpoints, ctx), [h.checkpoint, ctx.visitor], [h.checkpoint], queue=False,
                     **private)
-    h.checkpoint.change(partial(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
+    h.checkpoint.change(bind(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
                         [h.system_prompt, h.tuned_label], queue=False, **private)
     base_io = dict(fn=on_base_change, inputs=[ctx.model_spec, ctx.lang], outputs=[h.base_label], queue=False, **private)
     ctx.model_spec.change(**base_io)
-    ctx.lang.change(**base_io).then(partial(on_checkpoint_change, ctx),
+    ctx.lang.change(**base_io).then(bind(on_checkpoint_change, ctx),
                                     [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
                                     [h.system_prompt, h.tuned_label], queue=False, **private)
 
@@ -421,14 +420,14 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
     respond_outputs = [h.base_chat, h.tuned_chat, h.base_label, h.tuned_label]
     append_io = dict(fn=append_user, inputs=[h.message, h.base_chat, h.tuned_chat, ctx.lang],
                      outputs=[h.message, h.base_chat, h.tuned_chat], queue=False, **private)
-    fetch_io = dict(fn=partial(fetch_base_model, ctx), inputs=[ctx.model_spec, h.checkpoint, ctx.lang],
+    fetch_io = dict(fn=bind(fetch_base_model, ctx), inputs=[ctx.model_spec, h.checkpoint, ctx.lang],
                     outputs=[h.base_chat], **private)
-    respond_fn = partial(respond, ctx)
+    respond_fn = bind(respond, ctx)
     fetch_submitted = h.message.submit(**append_io).success(**fetch_io)
     submitted = fetch_submitted.success(respond_fn, respond_inputs, respond_outputs, api_name="compare_respond")
     fetch_clicked = h.send.click(**append_io).success(**fetch_io)
     clicked = fetch_clicked.success(respond_fn, respond_inputs, respond_outputs, **private)
-    ab = h.ab_run.click(partial(run_ab, ctx), [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
+    ab = h.ab_run.click(bind(run_ab, ctx), [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
                                                h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens,
                                                h.repetition_penalty, ctx.lang, ctx.visitor],
                         [h.ab_loss, h.ab_table], api_name="compare_ab")
@@ -441,10 +440,10 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
 def wire_page_load(load_event, tab: gr.Tab, ctx: AppContext, h: CompareHandles) -> None:
     """Re-list the visitor's checkpoints when the tab is shown and when the page loads, so a run
     that finished while the user was elsewhere appears without a click."""
-    refresh_io = dict(fn=partial(refresh_checkpoints, ctx), inputs=[h.checkpoint, ctx.visitor],
+    refresh_io = dict(fn=bind(refresh_checkpoints, ctx), inputs=[h.checkpoint, ctx.visitor],
                       outputs=[h.checkpoint], queue=False, api_visibility="private")
     tab.select(**refresh_io)
     load_event.then(**refresh_io).then(
-        partial(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
+        bind(on_checkpoint_change, ctx), [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
         [h.system_prompt, h.tuned_label], queue=False, api_visibility="private").then(
         on_base_change, [ctx.model_spec, ctx.lang], [h.base_label], queue=False, api_visibility="private")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -24,7 +23,7 @@ from ..data import DatasetSplits, Record, load_source
 from ..errors import DataFormatError, PolicyError
 from ..i18n import t
 from ..policy import Visitor, safe_file_name
-from .boundary import md_code, md_text, user_errors
+from .boundary import bind, md_code, md_text, user_errors
 from .context import AppContext
 
 L = gr.I18n()  # label keys only; the tables are handed to launch() by the shell
@@ -373,26 +372,26 @@ def build(ctx: AppContext) -> DataHandles:
 def wire(ctx: AppContext, h: DataHandles, max_source_length: gr.Number, max_target_length: gr.Number) -> DataHandles:
     """Connect the tab's events; the max-length inputs belong to the Train tab."""
     private = dict(api_visibility="private")
-    stats_io = dict(fn=partial(on_stats, ctx), inputs=[h.loaded_key, max_source_length, max_target_length, ctx.lang],
+    stats_io = dict(fn=bind(on_stats, ctx), inputs=[h.loaded_key, max_source_length, max_target_length, ctx.lang],
                     outputs=[h.stats_table, h.histograms, h.truncation, h.suggested_source, h.suggested_target])
-    load_io = dict(fn=partial(on_load, ctx),
+    load_io = dict(fn=bind(on_load, ctx),
                    inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang, ctx.visitor],
                    outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search])
     h.load_event = h.load_button.click(**load_io, api_name="load_data")
     h.load_event.success(**stats_io, api_name="data_stats")
     h.source_kind.input(on_source_kind, [h.source_kind, ctx.data_source], [ctx.data_source, h.upload], **private)
-    (h.upload.upload(partial(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind], **private)
+    (h.upload.upload(bind(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind], **private)
         .success(**load_io, **private).success(**stats_io, **private))
 
     page_io = dict(inputs=[h.loaded_key, h.search, h.page, h.page_size, ctx.lang],
                    outputs=[h.preview, h.page, h.page_info])
-    h.search.input(partial(on_search, ctx), **page_io, trigger_mode="always_last", **private)
-    h.page.submit(partial(on_preview, ctx), **page_io, api_name="preview_page")
-    h.page_size.input(partial(on_preview, ctx), **page_io, **private)
-    h.prev_button.click(partial(on_prev_page, ctx), **page_io, **private)
-    h.next_button.click(partial(on_next_page, ctx), **page_io, **private)
+    h.search.input(bind(on_search, ctx), **page_io, trigger_mode="always_last", **private)
+    h.page.submit(bind(on_preview, ctx), **page_io, api_name="preview_page")
+    h.page_size.input(bind(on_preview, ctx), **page_io, **private)
+    h.prev_button.click(bind(on_prev_page, ctx), **page_io, **private)
+    h.next_button.click(bind(on_next_page, ctx), **page_io, **private)
 
-    inspect_io = dict(fn=partial(on_inspect, ctx),
+    inspect_io = dict(fn=bind(on_inspect, ctx),
                       inputs=[h.loaded_key, h.inspect_index, max_source_length, max_target_length, ctx.lang],
                       outputs=[h.inspect_text, h.inspect_tokens, h.inspect_summary])
     h.inspect_button.click(**inspect_io, api_name="inspect_record")

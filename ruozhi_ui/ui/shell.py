@@ -21,6 +21,7 @@ from ..i18n import DEFAULT_LANG, gradio_i18n_tables, t
 from ..jobs import JobRunner
 from ..policy import TOKEN, Policy, new_token, policy_from_env
 from . import compare_tab, data_tab, train_tab
+from .boundary import md_code
 from .context import AppContext
 
 L = gr.I18n()
@@ -52,7 +53,7 @@ def offline_notice(model_spec: str, source: str, lang: str, look_at_disk: bool =
     """After a failed load: offer the offline fallbacks when the Hub was involved."""
     if not needs_hub(model_spec, source, look_at_disk):
         return gr.update(visible=False), ""
-    return gr.update(visible=True), t("app.offline_notice", lang, model=model_spec, source=source)
+    return gr.update(visible=True), t("app.offline_notice", lang, model=md_code(model_spec), source=md_code(source))
 
 
 def use_demo_model(source: str):
@@ -93,8 +94,9 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
             gr.Markdown(L("app.public_mode"), elem_id="app-mode")
         with gr.Row(equal_height=True):
             models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
-            model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=not policy.public,
-                                     label=L("app.model"), info=L("app.model_info"), elem_id="app-model", scale=3)
+            # Custom values pass Gradio so that the policy refuses them with its own words (public mode).
+            model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=L("app.model"),
+                                     info=L("app.model_info"), elem_id="app-model", scale=3)
             data_source = gr.Textbox(DEFAULT_DATASET, label=L("app.data_source"), info=L("app.data_source_info"),
                                      elem_id="app-data-source", scale=3)
             # Public mode: no checkbox at all; only the operator's allowlist runs remote code (policy).

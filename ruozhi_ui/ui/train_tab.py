@@ -15,7 +15,6 @@ import dataclasses
 import html
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import gradio as gr
 
@@ -24,7 +23,7 @@ from ..config import ModelConfig, TrainConfig, validate
 from ..errors import ConfigError
 from ..i18n import t
 from ..jobs import JobSnapshot
-from .boundary import md_code, md_text, user_errors
+from .boundary import bind, md_code, md_text, user_errors
 from .context import AppContext
 
 L = gr.I18n()
@@ -367,24 +366,24 @@ def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Gro
     named = dict(model_spec=ctx.model_spec, trust_remote_code=ctx.trust_remote_code, data_source=ctx.data_source,
                  lang=ctx.lang, token=ctx.visitor, **h.form)
     method.change(on_method, [method], [lora_group], **private)
-    h.start_button.click(partial(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None, **private).success(
-        by_name(partial(on_start, ctx), named), set(named.values()), [h.action_status], api_name="start_training"
+    h.start_button.click(bind(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None, **private).success(
+        by_name(bind(on_start, ctx), named), set(named.values()), [h.action_status], api_name="start_training"
     ).success(lambda: gr.Timer(active=True), None, [h.timer], **private)
-    h.stop_button.click(partial(on_stop, ctx), [ctx.lang, ctx.visitor], [h.action_status], api_name="stop_training")
+    h.stop_button.click(bind(on_stop, ctx), [ctx.lang, ctx.visitor], [h.action_status], api_name="stop_training")
     estimate_named = dict(named, n_train=n_train)
-    estimate_io = dict(fn=by_name(partial(on_estimate, ctx), estimate_named), inputs=set(estimate_named.values()),
+    estimate_io = dict(fn=by_name(bind(on_estimate, ctx), estimate_named), inputs=set(estimate_named.values()),
                        outputs=[h.estimate])
     h.estimate_button.click(**estimate_io, api_name="estimate")
     n_train.change(**estimate_io, **private)
-    h.timer.tick(partial(on_tick, ctx), [h.last_version, ctx.lang, ctx.visitor], h.live_outputs, **private,
+    h.timer.tick(bind(on_tick, ctx), [h.last_version, ctx.lang, ctx.visitor], h.live_outputs, **private,
                  show_progress="hidden")
-    ctx.lang.change(partial(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, **private)
+    ctx.lang.change(bind(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, **private)
 
 
 def wire_page_load(load_event, ctx: AppContext, h: TrainHandles) -> None:
     """After the visitor is known: a reloaded page or a second tab shows the visitor's running job at once."""
-    load_event.then(partial(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, api_visibility="private")
-    load_event.then(partial(on_page_load_form, ctx), [ctx.visitor],
+    load_event.then(bind(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, api_visibility="private")
+    load_event.then(bind(on_page_load_form, ctx), [ctx.visitor],
                     [ctx.model_spec, ctx.trust_remote_code, ctx.data_source, *h.form.values()],
                     api_visibility="private")
 
