@@ -1,9 +1,10 @@
 """Every user-visible string, in zh (default) and en.
 
 `STRINGS` maps a flat key to {"zh": ..., "en": ...}; `t(key, lang, **ctx)` formats
-one. `gradio_i18n_tables()` gives the per-language tables `gr.I18n` wants for
-static labels. A test checks that every key has both languages. Pure: no imports
-of Gradio here.
+one. It is the app's one i18n mechanism: the page's fixed labels (ui/texts.py), the
+texts handlers make, chart titles and error messages all come from here, so one
+language switch changes them all. A test checks that every key has both languages.
+Pure: no imports of Gradio here.
 """
 
 from __future__ import annotations
@@ -133,6 +134,40 @@ STRINGS: dict[str, dict[str, str]] = {
     "train.run_dir": {"zh": "运行文件夹：`{path}`", "en": "Run folder: `{path}`"},
     "train.failed": {"zh": "**训练失败：** {error}", "en": "**Training failed:** {error}"},
     "train.hint": {"zh": "**建议：** {hint}", "en": "**Hint:** {hint}"},
+    # --- runs tab ---
+    "runs.tab": {"zh": "历史记录", "en": "Runs"},
+    "runs.refresh": {"zh": "刷新", "en": "Refresh"},
+    "runs.table": {"zh": "训练记录", "en": "Past runs"},
+    "runs.none": {"zh": "还没有训练记录：在「训练」页开始一次训练。", "en": "No runs yet: start one in the Train tab."},
+    "runs.col_name": {"zh": "名称", "en": "Name"},
+    "runs.col_model": {"zh": "模型", "en": "Model"},
+    "runs.col_data": {"zh": "数据", "en": "Data"},
+    "runs.col_method": {"zh": "方法", "en": "Method"},
+    "runs.col_epochs": {"zh": "轮数", "en": "Epochs"},
+    "runs.col_status": {"zh": "状态", "en": "Status"},
+    "runs.col_final_val": {"zh": "最终验证损失", "en": "Final val loss"},
+    "runs.col_best_val": {"zh": "最佳验证损失", "en": "Best val loss"},
+    "runs.col_duration": {"zh": "用时", "en": "Duration"},
+    "runs.selected": {"zh": "叠加显示的记录", "en": "Runs to overlay"},
+    "runs.chart": {"zh": "损失曲线对比", "en": "Loss curves"},
+    "runs.chart_none": {"zh": "选择一个或多个记录来叠加它们的损失曲线", "en": "Pick one or more runs to overlay their loss curves"},
+    "runs.chart_train": {"zh": "{name}：训练损失（平滑）", "en": "{name}: train loss (smoothed)"},
+    "runs.chart_val": {"zh": "{name}：验证损失", "en": "{name}: validation loss"},
+    "runs.pick": {"zh": "选择一个记录", "en": "Pick a run"},
+    "runs.open_compare": {"zh": "在对比页打开", "en": "Open in Compare"},
+    "runs.delete": {"zh": "删除…", "en": "Delete…"},
+    "runs.confirm_delete": {"zh": "确定删除记录 {name} 及其所有检查点？此操作无法撤销。", "en": "Delete the run {name} and all its checkpoints? This cannot be undone."},
+    "runs.delete_yes": {"zh": "确定删除", "en": "Yes, delete"},
+    "runs.delete_no": {"zh": "取消", "en": "Cancel"},
+    "runs.deleted": {"zh": "已删除 {name}。", "en": "Deleted {name}."},
+    "runs.no_final": {"zh": "这个记录没有最终检查点（final），无法在对比页打开。", "en": "This run has no final checkpoint to open in Compare."},
+    "runs.resume_title": {"zh": "继续训练（写入新的记录文件夹）", "en": "Continue training (into a new run folder)"},
+    "runs.resume_settings": {"zh": "该记录的设置（只读）", "en": "The run's settings (read-only)"},
+    "runs.resume_epochs": {"zh": "总轮数（大于原来的轮数）", "en": "Total epochs (more than the run had)"},
+    "runs.resume_button": {"zh": "继续训练", "en": "Continue training"},
+    "runs.resume_none": {"zh": "这个记录没有可继续的检查点（需要 final 里的训练状态）。", "en": "This run has no checkpoint to continue from (final needs its training state)."},
+    "runs.resumed": {"zh": "已从 {checkpoint} 继续训练，新的记录：{name}。进度在「训练」页。", "en": "Continuing from {checkpoint} as a new run {name}; follow it in the Train tab."},
+    "runs.status_incomplete": {"zh": "未完成（进程中断）", "en": "Incomplete (the process ended)"},
     # --- compare tab ---
     "compare.checkpoint": {"zh": "微调检查点", "en": "Fine-tuned checkpoint"},
     "compare.refresh": {"zh": "刷新", "en": "Refresh"},
@@ -190,8 +225,3 @@ def t(key: str, lang: str = DEFAULT_LANG, **ctx) -> str:
     entry = STRINGS[key]
     text = entry.get(lang) or entry[DEFAULT_LANG]
     return text.format(**ctx) if ctx else text
-
-
-def gradio_i18n_tables() -> dict[str, dict[str, str]]:
-    """{lang: {key: text}} for `gr.I18n(**tables)`."""
-    return {lang: {k: v[lang] for k, v in STRINGS.items()} for lang in LANGS}

@@ -16,14 +16,16 @@ from plotly.subplots import make_subplots
 from .i18n import t
 
 MAX_POINTS = 2000  # each timer tick sends the whole figure: keep it small
-EMA_WEIGHT = 0.9  # TensorBoard-style smoothing of the train loss
+SMOOTH_SHARE = 0.05  # the smoothed train loss averages this share of the run's steps around each step
 HIST_FIELDS = ("instruction", "output", "prompt", "total")
 COLORS = {"train": "#94a3b8", "ema": "#2563eb", "val": "#dc2626", "p95": "#f59e0b", "limit": "#dc2626"}
+RUN_COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f")
 
 
 def _base_layout(fig: go.Figure, height: int) -> go.Figure:
+    # The legend sits at the top right, above the plot: the page's own label badge is at the top left.
     fig.update_layout(height=height, margin=dict(l=40, r=20, t=50, b=40), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
     return fig
 
 
@@ -63,13 +65,17 @@ def length_histograms(stats, max_source_length: int, max_target_length: int, lan
     return _base_layout(fig, 560)
 
 
-def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
-    """Debiased exponential moving average, so the first points are not pulled towards 0."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values, start=1):
-        acc = weight * acc + (1 - weight) * v
-        out.append(acc / (1 - weight ** i))
-    return out
+def smooth(values: Sequence[float], share: float = SMOOTH_SHARE) -> list[float]:
+    """Centred moving average over `share` of the points (at least 3): a trailing average (TensorBoard's
+    EMA) lags behind a falling loss and sits above almost every raw point; a centred one does not.
+    Near the ends the window shrinks to the points there are."""
+    n = len(values)
+    half = max(1, int(n * share) // 2)
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    return [(prefix[min(n, i + half + 1)] - prefix[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half))
+            for i in range(n)]
 
 
 def downsample(n: int, max_points: int = MAX_POINTS) -> list[int]:
@@ -94,13 +100,13 @@ def loss_figure(steps: Sequence, evals: Sequence, lang: str = "zh") -> go.Figure
     if steps:
         xs = [s.step for s in steps]
         ys = [s.loss for s in steps]
-        smooth = ema(ys)
+        smoothed = smooth(ys)
         keep = downsample(len(xs))
         few = len(keep) < 50  # markers make the very first steps visible (one step = one dot)
         fig.add_trace(go.Scatter(x=[xs[i] for i in keep], y=[ys[i] for i in keep], name=t("train.chart_loss", lang),
                                  mode="lines+markers" if few else "lines",
                                  line=dict(color=COLORS["train"], width=1)))
-        fig.add_trace(go.Scatter(x=[xs[i] for i in keep], y=[smooth[i] for i in keep],
+        fig.add_trace(go.Scatter(x=[xs[i] for i in keep], y=[smoothed[i] for i in keep],
                                  name=t("train.chart_ema", lang), mode="lines",
                                  line=dict(color=COLORS["ema"], width=2)))
     if evals:
@@ -112,3 +118,26 @@ def loss_figure(steps: Sequence, evals: Sequence, lang: str = "zh") -> go.Figure
     fig.update_xaxes(title_text=t("train.chart_xaxis", lang), rangemode="tozero")
     fig.update_yaxes(title_text=t("train.chart_yaxis", lang))
     return _base_layout(fig, 360)
+
+
+def runs_figure(runs: Sequence, lang: str = "zh") -> go.Figure:
+    """Loss curves of several runs on one chart: each run's smoothed train loss (a line) and validation
+    loss (markers), in one colour per run. `runs` are RunRecord-like (name, steps, evals)."""
+    if not runs:
+        return empty_figure(t("runs.chart_none", lang))
+    fig = go.Figure()
+    for i, run in enumerate(runs):
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        if run.steps:
+            keep = downsample(len(run.steps))
+            xs, ys = [s for s, _ in run.steps], smooth([v for _, v in run.steps])
+            fig.add_trace(go.Scatter(x=[xs[k] for k in keep], y=[ys[k] for k in keep], mode="lines",
+                                     name=t("runs.chart_train", lang, name=run.name), line=dict(color=color, width=2)))
+        if run.evals:
+            fig.add_trace(go.Scatter(x=[s for s, _ in run.evals], y=[v for _, v in run.evals], mode="markers+lines",
+                                     name=t("runs.chart_val", lang, name=run.name),
+                                     marker=dict(color=color, size=9, symbol="diamond"),
+                                     line=dict(color=color, dash="dot")))
+    fig.update_xaxes(title_text=t("train.chart_xaxis", lang), rangemode="tozero")
+    fig.update_yaxes(title_text=t("train.chart_yaxis", lang))
+    return _base_layout(fig, 380)

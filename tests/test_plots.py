@@ -56,8 +56,24 @@ def test_loss_figure_downsamples_long_curves_keeping_the_last_step():
     assert fig.data[0].x[-1] == 5000
 
 
-def test_ema_of_a_constant_is_the_constant():
-    assert plots.ema([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]
+def test_smoothing_a_constant_gives_the_constant():
+    assert plots.smooth([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]
+
+
+def test_smoothing_a_falling_line_does_not_lag_above_it():
+    line = [10.0 - i for i in range(100)]
+    smoothed = plots.smooth(line)
+    assert smoothed[10:90] == line[10:90]  # centred: an average of a line is the line
+
+
+def test_runs_figure_overlays_each_runs_train_and_validation_loss():
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(name="a", steps=((1, 3.0), (2, 2.0)), evals=((2, 2.5),))
+    b = SimpleNamespace(name="b", steps=((1, 4.0),), evals=())
+    fig = plots.runs_figure([a, b], "en")
+    assert [tr.name for tr in fig.data] == ["a: train loss (smoothed)", "a: validation loss", "b: train loss (smoothed)"]
+    assert fig.data[0].line.color == fig.data[1].marker.color != fig.data[2].line.color
 
 
 def test_empty_figure_shows_the_message():

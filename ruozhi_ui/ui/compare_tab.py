@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from gradio.i18n import I18nData
 
 from .. import generation as g
-from ..checkpoints import list_checkpoints
 from ..config import DEFAULT_SYSTEM_PROMPT, REFERENCE_PROMPTS, GenConfig
 from ..data import load_source
 from ..errors import ConfigError, GenerationError, RuozhiError
 from ..i18n import t
 from ..models import fetch_model_files
 from ..policy import Visitor
+from ..runs import checkpoint_names, newest_final
 from .boundary import bind, user_errors
 from .context import AppContext
+from .texts import T
 
 AB_DEFAULT_PROMPTS = 50
 # The table as CSV, built in the browser: no file is written on the server and no server path is sent.
@@ -129,11 +129,9 @@ def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k
 
 
 def checkpoint_choices(runs_root: Path) -> list[tuple[str, str]]:
-    """(run/checkpoints/name, the same) for the dropdown, newest first: names relative to the visitor's
-    runs folder, which is all a page ever sends back."""
-    root = Path(runs_root)
-    names = [str(p.relative_to(root)) for p in list_checkpoints(root) if p.is_relative_to(root)]
-    return [(name, name) for name in names]
+    """(run/checkpoints/name, the same) for the dropdown: names relative to the visitor's runs folder,
+    which is all a page ever sends back; the last finished run's `final` first."""
+    return [(name, name) for name in checkpoint_names(Path(runs_root))]
 
 
 def base_title(spec: str, lang: str) -> str:
@@ -175,9 +173,21 @@ def _unregister(request, event: threading.Event) -> None:
 # ---------------------------------------------------------------- handlers
 
 def refresh_checkpoints(ctx: AppContext, current: str | None, token=None, request: gr.Request = None) -> gr.Dropdown:
-    choices = checkpoint_choices(ctx.visitor_of(token, request).runs_root)
+    """Re-list; keep the user's pick, else preselect the newest finished run's `final` (not whichever
+    folder was touched last)."""
+    root = ctx.visitor_of(token, request).runs_root
+    choices = checkpoint_choices(root)
     names = [name for _, name in choices]
-    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+    preselect = newest_final(root) or (names[0] if names else None)
+    return gr.Dropdown(choices=choices, value=current if current in names else preselect)
+
+
+def on_run_finished(ctx: AppContext, final: str | None, token=None, request: gr.Request = None):
+    """A run of this visitor finished while the page was open: Compare switches to its `final`."""
+    if not final:
+        return gr.skip()
+    root = ctx.visitor_of(token, request).runs_root
+    return gr.Dropdown(choices=checkpoint_choices(root), value=final)
 
 
 def on_checkpoint_change(ctx: AppContext, checkpoint: str | None, system_prompt: str, lang: str, token=None,
@@ -341,56 +351,52 @@ def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote
 
 # ---------------------------------------------------------------- layout + wiring
 
-def _i18n(key: str) -> I18nData:
-    return I18nData(key)  # translated in the browser by the gr.I18n given to launch()
-
-
 def build(ctx: AppContext) -> CompareHandles:
     defaults = GenConfig()
     with gr.Row(equal_height=True):
-        checkpoint = gr.Dropdown(choices=[], value=None, label=_i18n("compare.checkpoint"), allow_custom_value=True,
+        checkpoint = gr.Dropdown(choices=[], value=None, label=T("compare.checkpoint"), allow_custom_value=True,
                                  scale=5, elem_id="compare-checkpoint")  # filled per visitor on page load
-        refresh = gr.Button(_i18n("compare.refresh"), scale=1, elem_id="compare-refresh")
-    system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label=_i18n("compare.system_prompt"), lines=1,
+        refresh = gr.Button(T("compare.refresh"), scale=1, elem_id="compare-refresh")
+    system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label=T("compare.system_prompt"), lines=1,
                                elem_id="compare-system-prompt")
-    with gr.Accordion(_i18n("compare.gen_params"), open=False):
+    with gr.Accordion(T("compare.gen_params"), open=False):
         with gr.Row():
             max_new_tokens = gr.Slider(1, ctx.policy.limits.max_new_tokens if ctx.policy.public else 1024,
-                                       value=defaults.max_new_tokens, step=1, label=_i18n("compare.max_new_tokens"))
-            do_sample = gr.Checkbox(value=defaults.do_sample, label=_i18n("compare.do_sample"))
+                                       value=defaults.max_new_tokens, step=1, label=T("compare.max_new_tokens"))
+            do_sample = gr.Checkbox(value=defaults.do_sample, label=T("compare.do_sample"))
             repetition_penalty = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
-                                           label=_i18n("compare.repetition_penalty"))
+                                           label=T("compare.repetition_penalty"))
         with gr.Row():
-            temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label=_i18n("compare.temperature"))
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label=_i18n("compare.top_p"))
-            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label=_i18n("compare.top_k"))
+            temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label=T("compare.temperature"))
+            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label=T("compare.top_p"))
+            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label=T("compare.top_k"))
     # render_markdown=False: answers are shown as text, so an image or link a model writes fetches nothing
     chat = dict(height=420, buttons=["copy", "copy_all"], render_markdown=False)
     with gr.Row(equal_height=True):
         with gr.Column():
             base_label = gr.Markdown(elem_id="compare-base-label")
-            base_chat = gr.Chatbot(label=_i18n("compare.base_chat"), elem_id="compare-base-chat", **chat)
+            base_chat = gr.Chatbot(label=T("compare.base_chat"), elem_id="compare-base-chat", **chat)
         with gr.Column():
             tuned_label = gr.Markdown(elem_id="compare-tuned-label")
-            tuned_chat = gr.Chatbot(label=_i18n("compare.tuned_chat"), elem_id="compare-tuned-chat", **chat)
-    message = gr.Textbox(label=_i18n("compare.input"), placeholder=_i18n("compare.input_placeholder"), lines=1,
+            tuned_chat = gr.Chatbot(label=T("compare.tuned_chat"), elem_id="compare-tuned-chat", **chat)
+    message = gr.Textbox(label=T("compare.input"), placeholder=T("compare.input_placeholder"), lines=1,
                          elem_id="compare-input")
-    gr.Examples([[p] for p in REFERENCE_PROMPTS], inputs=[message], label=_i18n("compare.examples"))
+    gr.Examples([[p] for p in REFERENCE_PROMPTS], inputs=[message], label=T("compare.examples"))
     with gr.Row():
-        send = gr.Button(_i18n("compare.send"), variant="primary", elem_id="compare-send")
-        stop = gr.Button(_i18n("compare.stop"), variant="stop", elem_id="compare-stop")
-        clear = gr.Button(_i18n("compare.clear"), elem_id="compare-clear")
-    with gr.Accordion(_i18n("compare.ab_title"), open=False):
+        send = gr.Button(T("compare.send"), variant="primary", elem_id="compare-send")
+        stop = gr.Button(T("compare.stop"), variant="stop", elem_id="compare-stop")
+        clear = gr.Button(T("compare.clear"), elem_id="compare-clear")
+    with gr.Accordion(T("compare.ab_title"), open=False):
         with gr.Row():
-            ab_source = gr.Radio([(_i18n("compare.ab_source_val"), "validation"), (_i18n("compare.ab_source_pasted"), "pasted")],
-                                 value="validation", label=_i18n("compare.ab_source"))
+            ab_source = gr.Radio([(T("compare.ab_source_val"), "validation"), (T("compare.ab_source_pasted"), "pasted")],
+                                 value="validation", label=T("compare.ab_source"))
             ab_limit = gr.Number(AB_DEFAULT_PROMPTS, minimum=1, maximum=ctx.policy.limits.ab_prompts, precision=0,
-                                 label=_i18n("compare.ab_limit"))
-            ab_run = gr.Button(_i18n("compare.ab_run"), variant="primary", elem_id="compare-ab-run")
-        ab_prompts_box = gr.Textbox(label=_i18n("compare.ab_prompts"), lines=4, elem_id="compare-ab-prompts")
+                                 label=T("compare.ab_limit"))
+            ab_run = gr.Button(T("compare.ab_run"), variant="primary", elem_id="compare-ab-run")
+        ab_prompts_box = gr.Textbox(label=T("compare.ab_prompts"), lines=4, elem_id="compare-ab-prompts")
         ab_loss = gr.Markdown(elem_id="compare-ab-loss")
-        ab_table = gr.Dataframe(label=_i18n("compare.ab_table"), wrap=True, interactive=False, elem_id="compare-ab-table")
-        ab_csv = gr.Button(_i18n("compare.ab_csv"), size="sm", elem_id="compare-ab-csv")
+        ab_table = gr.Dataframe(label=T("compare.ab_table"), wrap=True, interactive=False, elem_id="compare-ab-table")
+        ab_csv = gr.Button(T("compare.ab_csv"), size="sm", elem_id="compare-ab-csv")
 
     h = CompareHandles(
         checkpoint=checkpoint, refresh=refresh, system_prompt=system_prompt, max_new_tokens=max_new_tokens,

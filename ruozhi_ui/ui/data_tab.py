@@ -25,8 +25,8 @@ from ..i18n import t
 from ..policy import Visitor, safe_file_name
 from .boundary import bind, md_code, md_text, user_errors
 from .context import AppContext
+from .texts import T
 
-L = gr.I18n()  # label keys only; the tables are handed to launch() by the shell
 PAGE_SIZES = (10, 20, 50, 100)
 SOURCE_KINDS = ("hub", "upload", "sample")
 TRAINED_COLORS = {t("data.inspect_trained", lang): "#bbf7d0" for lang in ("zh", "en")}
@@ -317,20 +317,20 @@ class DataHandles:
 
 def build(ctx: AppContext) -> DataHandles:
     """Lay the tab out; events are connected by `wire` once the Train tab exists."""
-    with gr.Tab(L("data.tab"), id="data", elem_id="tab-data") as tab:
+    with gr.Tab(T("data.tab"), id="data", elem_id="tab-data") as tab:
         loaded_key, n_train = gr.State(None), gr.State(0)
         with gr.Row():
-            source_kind = gr.Radio([(L(f"data.kind_{k}"), k) for k in SOURCE_KINDS], value="hub",
-                                   label=L("data.source_kind"), elem_id="data-source-kind", scale=3)
-            load_button = gr.Button(L("data.load"), variant="primary", elem_id="data-load", scale=1)
-        upload = gr.File(label=L("data.upload"), file_types=[".json", ".jsonl"], type="filepath",
+            source_kind = gr.Radio([(T(f"data.kind_{k}"), k) for k in SOURCE_KINDS], value="hub",
+                                   label=T("data.source_kind"), elem_id="data-source-kind", scale=3)
+            load_button = gr.Button(T("data.load"), variant="primary", elem_id="data-load", scale=1)
+        upload = gr.File(label=T("data.upload"), file_types=[".json", ".jsonl"], type="filepath",
                          visible=False, elem_id="data-upload")
         summary = gr.Markdown(elem_id="data-summary")
-        with gr.Accordion(L("data.preview_title"), open=True):
+        with gr.Accordion(T("data.preview_title"), open=True):
             with gr.Row():
-                search = gr.Textbox(label=L("data.search"), placeholder="…", scale=3, elem_id="data-search")
-                page = gr.Number(value=1, precision=0, minimum=1, label=L("data.page"), scale=1, elem_id="data-page")
-                page_size = gr.Dropdown(list(PAGE_SIZES), value=PAGE_SIZES[0], label=L("data.page_size"),
+                search = gr.Textbox(label=T("data.search"), placeholder="…", scale=3, elem_id="data-search")
+                page = gr.Number(value=1, precision=0, minimum=1, label=T("data.page"), scale=1, elem_id="data-page")
+                page_size = gr.Dropdown(list(PAGE_SIZES), value=PAGE_SIZES[0], label=T("data.page_size"),
                                         scale=1, elem_id="data-page-size")
             with gr.Row():
                 prev_button = gr.Button("◀", size="sm", elem_id="data-prev")
@@ -338,25 +338,25 @@ def build(ctx: AppContext) -> DataHandles:
                 next_button = gr.Button("▶", size="sm", elem_id="data-next")
             preview = gr.Dataframe(interactive=False, wrap=True, max_height=420, elem_id="data-preview",
                                    column_widths=["8%", "8%", "34%", "50%"])
-        with gr.Accordion(L("data.stats_title"), open=True):
+        with gr.Accordion(T("data.stats_title"), open=True):
             stats_table = gr.Dataframe(interactive=False, elem_id="data-stats")
-            histograms = gr.Plot(label=L("data.histograms"), elem_id="data-histograms")
+            histograms = gr.Plot(label=T("data.histograms"), elem_id="data-histograms")
             truncation = gr.Markdown(elem_id="data-truncation")
             with gr.Row():
-                suggested_source = gr.Number(label=L("data.suggested_source"), interactive=False, precision=0,
+                suggested_source = gr.Number(label=T("data.suggested_source"), interactive=False, precision=0,
                                              elem_id="data-suggested-source")
-                suggested_target = gr.Number(label=L("data.suggested_target"), interactive=False, precision=0,
+                suggested_target = gr.Number(label=T("data.suggested_target"), interactive=False, precision=0,
                                              elem_id="data-suggested-target")
-                use_suggested = gr.Button(L("data.use_suggested"), elem_id="data-use-suggested")
-        with gr.Accordion(L("data.inspect_title"), open=False):
+                use_suggested = gr.Button(T("data.use_suggested"), elem_id="data-use-suggested")
+        with gr.Accordion(T("data.inspect_title"), open=False):
             with gr.Row():
-                inspect_index = gr.Number(value=0, precision=0, minimum=0, label=L("data.inspect_index"),
+                inspect_index = gr.Number(value=0, precision=0, minimum=0, label=T("data.inspect_index"),
                                           elem_id="data-inspect-index")
-                inspect_button = gr.Button(L("data.inspect"), elem_id="data-inspect")
+                inspect_button = gr.Button(T("data.inspect"), elem_id="data-inspect")
             inspect_summary = gr.Markdown(elem_id="data-inspect-summary")
-            inspect_text = gr.Textbox(label=L("data.inspect_text"), lines=8, interactive=False,
+            inspect_text = gr.Textbox(label=T("data.inspect_text"), lines=8, interactive=False,
                                       elem_id="data-inspect-text")
-            inspect_tokens = gr.HighlightedText(label=L("data.inspect_tokens"), color_map=TRAINED_COLORS,
+            inspect_tokens = gr.HighlightedText(label=T("data.inspect_tokens"), color_map=TRAINED_COLORS,
                                                 show_legend=True, show_inline_category=False,
                                                 elem_id="data-inspect-tokens")
     return DataHandles(

@@ -17,14 +17,15 @@ from .. import specs
 from ..checkpoints import runs_root as default_runs_root
 from ..config import DEFAULT_DATASET, DEFAULT_MODEL
 from ..data import MAX_FILE_BYTES
-from ..i18n import DEFAULT_LANG, gradio_i18n_tables, t
+from ..i18n import DEFAULT_LANG, t
 from ..jobs import JobRunner
 from ..policy import TOKEN, Policy, new_token, policy_from_env
-from . import compare_tab, data_tab, train_tab
+from . import compare_tab, data_tab, runs_tab, train_tab
+from .boundary import bind
 from .boundary import md_code
 from .context import AppContext
+from .texts import PICK_LANGUAGE_JS, STORE_LANGUAGE_JS, T, language_updates, translations
 
-L = gr.I18n()
 LANG_CHOICES = (("中文", "zh"), ("English", "en"))
 VISITOR_STORAGE_KEY = "ruozhi-visitor"
 CSS = """
@@ -37,8 +38,7 @@ CSS = """
 #app-trust-warning, #app-model-note { color: #b45309; }
 """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
-LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, i18n=gr.I18n(**gradio_i18n_tables()),
-                     max_file_size=MAX_FILE_BYTES)
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES)
 # Gradio's own temp files (uploads are copied out of them at once) go after a day, checked hourly.
 DELETE_CACHE = (3600, 86400)
 
@@ -87,40 +87,46 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
     with gr.Blocks(title="ruozhi-sft studio", delete_cache=DELETE_CACHE) as demo:
         visitor = gr.BrowserState(None, storage_key=VISITOR_STORAGE_KEY)
         with gr.Row(equal_height=True, elem_id="app-top"):
-            gr.Markdown(L("app.title"), elem_id="app-title")
-            lang = gr.Radio([list(c) for c in LANG_CHOICES], value=DEFAULT_LANG, label=L("app.lang"),
-                            elem_id="app-lang", scale=0, min_width=200)
+            gr.Markdown(T("app.title"), elem_id="app-title")
+            lang = gr.Radio([list(c) for c in LANG_CHOICES], value=DEFAULT_LANG, show_label=False, container=False,
+                            elem_id="app-lang", scale=0, min_width=160)
         if policy.public:
-            gr.Markdown(L("app.public_mode"), elem_id="app-mode")
+            gr.Markdown(T("app.public_mode"), elem_id="app-mode")
         with gr.Row(equal_height=True):
             models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
             # Custom values pass Gradio so that the policy refuses them with its own words (public mode).
-            model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=L("app.model"),
-                                     info=L("app.model_info"), elem_id="app-model", scale=3)
-            data_source = gr.Textbox(DEFAULT_DATASET, label=L("app.data_source"), info=L("app.data_source_info"),
+            model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=T("app.model"),
+                                     info=T("app.model_info"), elem_id="app-model", scale=3)
+            data_source = gr.Textbox(DEFAULT_DATASET, label=T("app.data_source"), info=T("app.data_source_info"),
                                      elem_id="app-data-source", scale=3)
             # Public mode: no checkbox at all; only the operator's allowlist runs remote code (policy).
-            trust = gr.State(False) if policy.public else gr.Checkbox(False, label=L("app.trust_remote_code"),
+            trust = gr.State(False) if policy.public else gr.Checkbox(False, label=T("app.trust_remote_code"),
                                                                      elem_id="app-trust", scale=1)
         trust_md = gr.Markdown(visible=False, elem_id="app-trust-warning")
         note_md = gr.Markdown(elem_id="app-model-note")
         with gr.Group(visible=False, elem_id="app-offline") as offline_group:
             offline_md = gr.Markdown(elem_id="app-offline-text")
             with gr.Row():
-                demo_button = gr.Button(L("app.use_demo"), size="sm", elem_id="app-use-demo")
-                sample_button = gr.Button(L("app.use_sample"), size="sm", elem_id="app-use-sample")
+                demo_button = gr.Button(T("app.use_demo"), size="sm", elem_id="app-use-demo")
+                sample_button = gr.Button(T("app.use_sample"), size="sm", elem_id="app-use-sample")
 
         ctx = AppContext(policy=policy, runner=runner, visitor=visitor, model_spec=model_spec,
                          trust_remote_code=trust, data_source=data_source, lang=lang)
-        with gr.Tabs(elem_id="app-tabs"):
+        with gr.Tabs(elem_id="app-tabs") as tabs:
             data = data_tab.build(ctx)
             train = train_tab.build(ctx, data.n_train)
-            with gr.Tab(L("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
+            with gr.Tab(T("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
                 compare = compare_tab.build(ctx)
+            runs = runs_tab.build(ctx)
         data_tab.wire(ctx, data, train.form["max_source_length"], train.form["max_target_length"])
         visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private)
         compare_tab.wire_page_load(visitor_known, compare_block, ctx, compare)
         train_tab.wire_page_load(visitor_known, ctx, train)
+        resumed = runs_tab.wire(ctx, runs, tabs, compare.checkpoint, visitor_known)
+        resumed.success(lambda: gr.Timer(active=True), None, [train.timer], **private)  # follow the new run
+        # A run that ends while the page is open becomes Compare's pick.
+        train.finished.change(bind(compare_tab.on_run_finished, ctx), [train.finished, visitor], [compare.checkpoint],
+                              **private)
 
         if not policy.public:
             trust.change(trust_warning, [trust, lang], [trust_md], **private)
@@ -132,4 +138,19 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
                             **private)
+        wire_language(demo, lang)
     return demo
+
+
+def wire_language(demo: gr.Blocks, lang: gr.Radio) -> None:
+    """The one switch: on page load the stored (or the browser's) language, on a click the new one; the
+    server re-renders every fixed text, and `lang.change` re-renders what handlers made."""
+    items = translations(demo)
+    components = [item.component for item in items]
+
+    def apply(choice: str):
+        return [choice, *language_updates(items, choice)]
+
+    private = dict(api_visibility="private", queue=False, show_progress="hidden")
+    demo.load(apply, [lang], [lang, *components], js=PICK_LANGUAGE_JS, **private)
+    lang.input(apply, [lang], [lang, *components], js=STORE_LANGUAGE_JS, **private)

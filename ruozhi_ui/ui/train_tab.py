@@ -15,6 +15,7 @@ import dataclasses
 import html
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -25,8 +26,8 @@ from ..i18n import t
 from ..jobs import JobSnapshot
 from .boundary import bind, md_code, md_text, user_errors
 from .context import AppContext
+from .texts import T
 
-L = gr.I18n()
 DEFAULTS = TrainConfig()
 INT_FIELDS = ("epochs", "batch_size", "grad_accum_steps", "warmup_steps", "max_source_length", "max_target_length",
               "lora_rank", "lora_alpha", "max_steps", "seed")
@@ -183,6 +184,15 @@ def visitor_view(ctx: AppContext, token, request):
             lambda text: ctx.policy.redact(text, visitor))
 
 
+def finished_final(snap: JobSnapshot, visitor) -> str | None:
+    """`<run>/checkpoints/final` of a job that has ended with one (what Compare switches to), else None."""
+    final = next((c.path for c in reversed(snap.checkpoints) if c.final), None)
+    if snap.active or final is None:
+        return None
+    path, root = Path(final).resolve(), visitor.runs_root.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else None
+
+
 def poll_status(ctx: AppContext, token: str | None = None, request: gr.Request = None) -> dict:
     """The visitor's job as JSON (`/poll_status`); in public mode never another visitor's."""
     _, snap, show, redact = visitor_view(ctx, token, request)
@@ -232,18 +242,20 @@ def on_estimate(ctx: AppContext, model_spec, trust_remote_code, data_source, n_t
 
 def on_tick(ctx: AppContext, last_version, lang, token=None, request: gr.Request = None):
     """Timer tick: the visitor's snapshot when it changed; the timer stops once no job of theirs runs."""
-    _, snap, show, redact = visitor_view(ctx, token, request)
+    visitor, snap, show, redact = visitor_view(ctx, token, request)
     timer = gr.Timer(active=snap.active)
     if snap.version == last_version:
-        return (gr.skip(),) * 6 + (timer,)
-    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), timer)
+        return (gr.skip(),) * 7 + (timer,)
+    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), finished_final(snap, visitor),
+            timer)
 
 
 def on_refresh(ctx: AppContext, lang, token=None, request: gr.Request = None):
     """Page load and language switch: always push the visitor's current snapshot (and start the timer
     when their job runs)."""
-    _, snap, show, redact = visitor_view(ctx, token, request)
-    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), gr.Timer(active=snap.active))
+    visitor, snap, show, redact = visitor_view(ctx, token, request)
+    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), gr.skip(),
+            gr.Timer(active=snap.active))
 
 
 def form_values_from_config(config: dict) -> dict:
@@ -282,11 +294,12 @@ class TrainHandles:
     checkpoints: gr.Markdown
     timer: gr.Timer
     last_version: gr.State
+    finished: gr.State  # `<run>/checkpoints/final` of the visitor's job once it has ended (Compare follows it)
 
     @property
     def live_outputs(self) -> list:
         return [self.last_version, self.loss_chart, self.progress, self.probes, self.checkpoints, self.error,
-                self.timer]
+                self.finished, self.timer]
 
 
 def by_name(fn, named: dict):
@@ -298,7 +311,7 @@ def by_name(fn, named: dict):
 
 def _num(name: str, d: dict, **kw) -> gr.Number:
     precision = 0 if name in INT_FIELDS else None
-    return gr.Number(value=d[name], label=L(f"train.{name}"), precision=precision,
+    return gr.Number(value=d[name], label=T(f"train.{name}"), precision=precision,
                      elem_id=f"train-{name.replace('_', '-')}", **kw)
 
 
@@ -306,17 +319,17 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
     """Lay the tab out and wire it; `n_train` (the Data tab's loaded count) feeds the step estimate."""
     d = form_defaults()
     form = {}
-    with gr.Tab(L("train.tab"), id="train", elem_id="tab-train") as tab:
+    with gr.Tab(T("train.tab"), id="train", elem_id="tab-train") as tab:
         with gr.Row():
             with gr.Column(scale=2):
-                form["method"] = gr.Radio([(L("train.method_full"), "full"), (L("train.method_lora"), "lora")],
-                                          value=d["method"], label=L("train.method"), elem_id="train-method")
+                form["method"] = gr.Radio([(T("train.method_full"), "full"), (T("train.method_lora"), "lora")],
+                                          value=d["method"], label=T("train.method"), elem_id="train-method")
                 with gr.Group(visible=d["method"] == "lora") as lora_group:
                     with gr.Row():
                         form["lora_rank"] = _num("lora_rank", d, minimum=1)
                         form["lora_alpha"] = _num("lora_alpha", d, minimum=1)
                         form["lora_dropout"] = _num("lora_dropout", d, minimum=0, maximum=0.99)
-                    form["save_merged"] = gr.Checkbox(value=d["save_merged"], label=L("train.save_merged"),
+                    form["save_merged"] = gr.Checkbox(value=d["save_merged"], label=T("train.save_merged"),
                                                       elem_id="train-save-merged")
                 with gr.Row():
                     form["epochs"], form["batch_size"] = _num("epochs", d, minimum=1), _num("batch_size", d, minimum=1)
@@ -324,39 +337,40 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
                 with gr.Row():
                     form["lr"] = _num("lr", d, minimum=0)
                     form["lr_schedule"] = gr.Dropdown(["constant", "cosine"], value=d["lr_schedule"],
-                                                      label=L("train.lr_schedule"), elem_id="train-lr-schedule")
+                                                      label=T("train.lr_schedule"), elem_id="train-lr-schedule")
                     form["warmup_steps"] = _num("warmup_steps", d, minimum=0)
                 with gr.Row():
                     form["max_source_length"] = _num("max_source_length", d, minimum=8)
                     form["max_target_length"] = _num("max_target_length", d, minimum=1)
-                    form["packing"] = gr.Checkbox(value=d["packing"], label=L("train.packing"), elem_id="train-packing")
-                form["run_name"] = gr.Textbox(value=d["run_name"], label=L("train.run_name"), elem_id="train-run-name")
-                with gr.Accordion(L("train.advanced"), open=False):
+                    form["packing"] = gr.Checkbox(value=d["packing"], label=T("train.packing"), elem_id="train-packing")
+                form["run_name"] = gr.Textbox(value=d["run_name"], label=T("train.run_name"), elem_id="train-run-name")
+                with gr.Accordion(T("train.advanced"), open=False):
                     with gr.Row():
                         form["max_steps"], form["seed"] = _num("max_steps", d, minimum=0), _num("seed", d)
                         form["weight_decay"] = _num("weight_decay", d, minimum=0)
                         form["max_grad_norm"] = _num("max_grad_norm", d, minimum=0)
             with gr.Column(scale=1):
-                estimate_button = gr.Button(L("train.estimate_button"), elem_id="train-estimate-button")
+                estimate_button = gr.Button(T("train.estimate_button"), elem_id="train-estimate-button")
                 estimate = gr.Markdown(elem_id="train-estimate")
                 with gr.Row():
-                    start_button = gr.Button(L("train.start"), variant="primary", elem_id="train-start")
-                    stop_button = gr.Button(L("train.stop"), variant="stop", elem_id="train-stop")
+                    start_button = gr.Button(T("train.start"), variant="primary", elem_id="train-start")
+                    stop_button = gr.Button(T("train.stop"), variant="stop", elem_id="train-stop")
                 action_status = gr.Markdown(elem_id="train-action-status")
         progress = gr.HTML(elem_id="train-progress")
         error = gr.Markdown(elem_id="train-error")
-        loss_chart = gr.Plot(label=L("train.loss_chart"), elem_id="train-loss-chart")
+        loss_chart = gr.Plot(label=T("train.loss_chart"), elem_id="train-loss-chart")
         with gr.Row():
             with gr.Column(scale=2):
                 probes = gr.Markdown(elem_id="train-probes")
             with gr.Column(scale=1):
                 checkpoints = gr.Markdown(elem_id="train-checkpoints")
-        timer, last_version = gr.Timer(1.0, active=False), gr.State(-1)
+        timer, last_version, finished = gr.Timer(1.0, active=False), gr.State(-1), gr.State(None)
 
     h = TrainHandles(tab=tab, form={name: form[name] for name in FORM_FIELDS}, estimate_button=estimate_button,
                      estimate=estimate, start_button=start_button, stop_button=stop_button,
                      action_status=action_status, progress=progress, loss_chart=loss_chart, error=error,
-                     probes=probes, checkpoints=checkpoints, timer=timer, last_version=last_version)
+                     probes=probes, checkpoints=checkpoints, timer=timer, last_version=last_version,
+                     finished=finished)
     _wire(ctx, h, form["method"], lora_group, n_train)
     return h
 
