@@ -7,7 +7,23 @@ neither shows a traceback for them.
 
 
 class RuozhiError(Exception):
-    """Base class: an error the user can act on."""
+    """Base class: an error the user can act on.
+
+    Raised either with a plain English message, or with an i18n key and its fields
+    (`ConfigError(key="err.epochs_min")`): then `str(e)` is the English text (the CLI's
+    line) and `localized(lang)` the page's, so one language switch covers errors too.
+    """
+
+    def __init__(self, message: str = "", *, key: str | None = None, **params):
+        from .i18n import t  # pure module; imported late to keep this one dependency-free at import
+
+        self.key, self.params = key, params
+        super().__init__(t(key, "en", **params) if key else message)
+
+    def localized(self, lang: str) -> str:
+        from .i18n import t
+
+        return t(self.key, lang, **self.params) if self.key else str(self)
 
 
 class ConfigError(RuozhiError):

@@ -43,7 +43,8 @@ def test_load_data_then_stats_through_the_api(app):
     client, _ = app
     summary, table, page, page_info, search = client.predict("sample", "demo", False, 10, "en", api_name="/load_data")
     assert "training" in summary and len(table["data"]) == 10 and page == 1
-    stats_table, _, truncation, src, tgt = client.predict(62, 151, "en", api_name="/data_stats")
+    stats_table, _, truncation, src, tgt = client.predict("all", "你是一个有帮助的助手", 62, 151, "en",
+                                                          api_name="/data_stats")
     assert [row[0] for row in stats_table["data"]] == ["Instruction", "Output", "Templated prompt", "Total"]
     assert src > 0 and tgt > 0 and "max_target_length 151" in truncation
 

@@ -241,3 +241,34 @@ def test_upload_names_are_plain_file_names(name, kept):
 
 def test_limits_table_defaults_are_sane():
     assert Limits().seed == 2**32 - 1 and PUBLIC_LIMITS.epochs == 10
+
+
+# --- the Hub probe ----------------------------------------------------------------------------------
+def test_the_hub_probe_answers_offline_at_once_when_the_operator_says_so():
+    from ruozhi_ui.hub import HubStatus
+
+    status = HubStatus(probe=lambda: pytest.fail("probed although HF_HUB_OFFLINE=1"), env={"HF_HUB_OFFLINE": "1"})
+    assert status.online(wait_s=0) is False
+
+
+def test_an_unreachable_hub_is_offline():
+    from ruozhi_ui.hub import hub_reachable
+
+    assert hub_reachable("http://127.0.0.1:9", timeout=0.5) is False  # nothing listens on the discard port
+
+
+def test_a_hub_that_answers_is_online(monkeypatch):
+    from ruozhi_ui import hub
+
+    monkeypatch.setattr(hub, "use_offline_mode", lambda: pytest.fail("went offline"))
+    assert hub.HubStatus(probe=lambda: True, env={}).online() is True
+
+
+def test_offline_at_start_the_page_opens_with_demo_and_sample():
+    from ruozhi_ui.hub import HubStatus
+    from ruozhi_ui.ui import shell
+
+    offline = HubStatus(env={"HF_HUB_OFFLINE": "1"})
+    model, data, kind, notice, text = shell.offline_start(offline, "Qwen/Qwen2.5-0.5B-Instruct", "hfl/ruozhiba_gpt4", "en")
+    assert (model, data, kind, notice["visible"]) == ("demo", "sample", "sample", True)
+    assert text.startswith("**This machine cannot reach the Hugging Face Hub**")

@@ -17,6 +17,9 @@ from ruozhi_ui.ui import data_tab, shell, train_tab
 from ruozhi_ui.ui.context import AppContext
 
 
+SYSTEM = "你是一个有帮助的助手"
+
+
 def local_ctx(root, runner=None) -> AppContext:
     """The services a local-mode app hands its handlers (no components: handlers take plain values)."""
     return AppContext(policy=Policy(mode="local", runs_root=root), runner=runner or JobRunner(root))
@@ -74,7 +77,7 @@ def test_render_status_running_shows_steps_progress_probes_and_checkpoints():
     assert list(fig.data[0].y) == [3.0, 2.5] and list(fig.data[2].y) == [2.4]
     assert 'data-step="2" data-num-steps="8"' in progress and "width:25.0%" in progress
     assert "step 2/8" in progress and "elapsed 0:00:30" in progress and "ETA 0:01:05" in progress
-    assert "**问题**" in probes and "> 回答" in probes
+    assert "<th scope='row'>问题</th>" in probes and "回答" in probes
     assert "`/runs/r/checkpoints/epoch-1`" in ckpts and error == ""
 
 
@@ -220,11 +223,21 @@ def test_inspector_rejects_an_out_of_range_row(loaded):
 
 
 def test_stats_handler_gives_table_figure_and_suggestions(loaded, data_ctx):
-    table, fig, truncation, src, tgt = data_tab.on_stats(data_ctx, loaded.key, 62, 151, "en")
-    stats = data_tab.data_stats(data_ctx, loaded, 62, 151)
+    table, fig, truncation, src, tgt = data_tab.on_stats(data_ctx, loaded.key, "train", SYSTEM, 62, 151, "en")
+    stats = data_tab.data_stats(data_ctx, loaded, 62, 151, "train", SYSTEM)
     assert [row[0] for row in table["data"]] == ["Instruction", "Output", "Templated prompt", "Total"]
     assert len(fig.data) == 4 and "max_source_length 62" in truncation
     assert (src, tgt) == (stats.suggested_max_source_length, stats.suggested_max_target_length)
+
+
+def test_statistics_cover_the_whole_file_by_default_and_use_the_forms_system_prompt(loaded, data_ctx):
+    from ruozhi_ui.stats import compute_stats
+
+    whole = data_tab.data_stats(data_ctx, loaded, 62, 151)
+    assert whole.n == len(loaded.splits.train) + len(loaded.splits.val)
+    short = data_tab.data_stats(data_ctx, loaded, 62, 151, "all", "短")
+    assert short.prompt.mean < whole.prompt.mean  # the form's (shorter) system prompt is what is measured
+    assert short == compute_stats(loaded.splits.train + loaded.splits.val, loaded.tokenizer, "短", 62, 151)
 
 
 def test_use_suggested_lengths_copies_both_values():
@@ -279,10 +292,19 @@ def test_start_needs_no_download_for_the_demo_model(monkeypatch, demo_dir):
 IMAGE = "![x](http://example.invalid/x.png) <img src=http://example.invalid/y>"
 
 
-def test_probe_answers_and_prompts_show_images_and_tags_as_text():
+def test_probe_answers_and_prompts_show_tags_as_text():
     snap = JobSnapshot(version=1, status="running", samples=(SampleGenerated(step=1, epoch=1, answers=((IMAGE, IMAGE),)),))
-    text = train_tab.probes_markdown(snap, "en")
-    assert "![x](" not in text and "<img" not in text and "\\!\\[x\\]" in text and "&lt;img" in text
+    text = train_tab.probes_html(snap, "en")
+    assert "<img" not in text and "&lt;img src=http://example.invalid/y&gt;" in text
+
+
+def test_probes_are_one_prompt_by_epoch_table_with_answers_that_expand():
+    samples = tuple(SampleGenerated(step=s, epoch=e, answers=(("问一", f"答{e}" * 30), ("问二", "")))
+                    for e, s in ((1, 4), (2, 8)))
+    text = train_tab.probes_html(JobSnapshot(version=1, status="running", samples=samples), "en")
+    assert text.count("<tr>") == 3 and text.count("<details>") == 2  # header + 2 prompts; empty answers do not open
+    assert "Epoch 2 (step 8)" in text and "∅ (empty answer)" in text
+    assert f"<summary>{'答1' * 20}…</summary>" in text  # the first 40 characters, then the whole answer on click
 
 
 def test_a_failed_runs_error_is_escaped():

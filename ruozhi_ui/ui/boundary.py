@@ -14,7 +14,9 @@ import html
 import inspect
 import re
 import sys
+import threading
 import typing
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -44,13 +46,43 @@ def _lang_of(arguments: dict) -> str:
     return lang if lang in ("zh", "en") else DEFAULT_LANG
 
 
+class LastErrors:
+    """Each session's last user error, so the event's `.failure` step can show it beside the action
+    (a toast alone goes away, and the outputs keep their earlier results)."""
+
+    def __init__(self, size: int = 1000):
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._lock, self.size = threading.Lock(), size
+
+    def record(self, session: str, text: str) -> None:
+        with self._lock:
+            self._items[session] = text
+            self._items.move_to_end(session)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def pop(self, session: str) -> str:
+        with self._lock:
+            return self._items.pop(session, "")
+
+
 def error_message(error: RuozhiError, arguments: dict, key: str | None) -> str:
+    """The message a user sees, in their language, without server paths (public mode); plain text."""
     ctx = arguments.get("ctx")
-    text = ctx.policy.redact(str(error)) if ctx is not None else str(error)
-    text = html.escape(text, quote=False)  # a toast renders HTML: a tag in a message must show as text
     lang = _lang_of(arguments)
+    text = error.localized(lang) if hasattr(error, "localized") else str(error)
+    text = ctx.policy.redact(text) if ctx is not None else text
     print(f"user error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)  # one line, no traceback
-    return t(key, lang, error=text) if key else text
+    text = t(key, lang, error=text) if key else text
+    if ctx is not None and getattr(ctx, "errors", None) is not None:
+        ctx.errors.record(session_of(arguments.get("request")), text)
+    return text
+
+
+def show_last_error(ctx, request: gr.Request = None) -> str:
+    """An event's `.failure` step: its error as a line beside the action that failed."""
+    text = ctx.errors.pop(session_of(request))
+    return f"<span class='rz-error'>⚠️ {md_text(text)}</span>" if text else ""
 
 
 def resolved_hints(fn) -> dict:
@@ -88,7 +120,8 @@ def user_errors(key: str | None = None):
 
         def raise_for(error, args, kwargs):
             arguments = signature.bind_partial(*args, **kwargs).arguments
-            raise gr.Error(error_message(error, arguments, key), print_exception=False) from None
+            message = html.escape(error_message(error, arguments, key), quote=False)  # a toast renders HTML
+            raise gr.Error(message, print_exception=False) from None
 
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
@@ -114,3 +147,10 @@ def user_errors(key: str | None = None):
 def session_of(request) -> str:
     """The Gradio session of a request ('' outside a request, e.g. in tests)."""
     return getattr(request, "session_hash", None) or ""
+
+
+def show_errors_beside(ctx, event, slot) -> None:
+    """An event's error (after its toast) stays as a line in `slot`; its success clears the line."""
+    private = dict(api_visibility="private", queue=False, show_progress="hidden")
+    event.failure(bind(show_last_error, ctx), None, [slot], **private)
+    event.success(lambda: "", None, [slot], **private)

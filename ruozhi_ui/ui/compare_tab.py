@@ -264,10 +264,13 @@ def respond(ctx: AppContext, base_history: list, tuned_history: list, base_spec:
 
     yield panes("", "")
     cancel = _register(request)
+    texts = ("", "")
     try:
-        for base_text, tuned_text in g.stream_pair(base, tuned, message, history_base, history_tuned,
-                                                   system_prompt, gen, cancel):
-            yield panes(base_text, tuned_text)
+        for texts in g.stream_pair(base, tuned, message, history_base, history_tuned, system_prompt, gen, cancel):
+            yield panes(*texts)
+        empty = t("train.probe_empty", lang)
+        if not all(texts):  # a model that answers nothing at once gets a visible note, not an empty bubble
+            yield panes(texts[0] or empty, texts[1] or empty)
     finally:
         cancel.set()  # a cancelled event closes this generator: generate() must stop too
         _unregister(request, cancel)
@@ -395,7 +398,9 @@ def build(ctx: AppContext) -> CompareHandles:
             ab_run = gr.Button(T("compare.ab_run"), variant="primary", elem_id="compare-ab-run")
         ab_prompts_box = gr.Textbox(label=T("compare.ab_prompts"), lines=4, elem_id="compare-ab-prompts")
         ab_loss = gr.Markdown(elem_id="compare-ab-loss")
-        ab_table = gr.Dataframe(label=T("compare.ab_table"), wrap=True, interactive=False, elem_id="compare-ab-table")
+        # Wrapped text in fixed shares of the width: prompt and reference narrower, both answers side by side.
+        ab_table = gr.Dataframe(label=T("compare.ab_table"), wrap=True, interactive=False, max_height=640,
+                                column_widths=["17%", "17%", "29%", "29%", "4%", "4%"], elem_id="compare-ab-table")
         ab_csv = gr.Button(T("compare.ab_csv"), size="sm", elem_id="compare-ab-csv")
 
     h = CompareHandles(

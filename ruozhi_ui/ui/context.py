@@ -13,8 +13,10 @@ import gradio as gr
 
 from ..cache import LoadingLRU
 from ..generation import ModelCache
+from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import Policy, Visitor
+from .boundary import LastErrors
 
 DATA_CACHE_SIZE = 4  # loaded datasets (with their tokenizer) kept per app
 
@@ -32,6 +34,8 @@ class AppContext:
     models: ModelCache = field(default_factory=ModelCache)  # Compare's loaded models
     data: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE))  # loaded datasets + tokenizer
     stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits
+    errors: LastErrors = field(default_factory=LastErrors)  # each session's last user error, shown beside its action
+    hub: HubStatus | None = None  # whether the Hugging Face Hub answers (asked once at start-up)
 
     def visitor_of(self, token: str | None, request: gr.Request | None) -> Visitor:
         return self.policy.visitor(token, getattr(request, "session_hash", None) or "")

@@ -21,15 +21,15 @@ from .. import plots, specs
 from ..config import DataConfig
 from ..data import DatasetSplits, Record, load_source
 from ..errors import DataFormatError, PolicyError
-from ..i18n import t
+from ..i18n import DEFAULT_LANG, t
 from ..policy import Visitor, safe_file_name
-from .boundary import bind, md_code, md_text, user_errors
+from .boundary import bind, md_code, md_text, show_errors_beside, user_errors
 from .context import AppContext
 from .texts import T
 
 PAGE_SIZES = (10, 20, 50, 100)
 SOURCE_KINDS = ("hub", "upload", "sample")
-TRAINED_COLORS = {t("data.inspect_trained", lang): "#bbf7d0" for lang in ("zh", "en")}
+TRAINED_COLOR = "#bbf7d0"
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,20 @@ def load_data(ctx: AppContext, key: DataKey) -> LoadedData:
     return ctx.data.get(key, load)
 
 
-def data_stats(ctx: AppContext, loaded: LoadedData, max_source_length: int, max_target_length: int):
-    """TokenStats of the training split at the given limits (cached per limits)."""
+STATS_SPLITS = ("all", "train")  # the whole file (the reference's table), or what trains
+
+
+def data_stats(ctx: AppContext, loaded: LoadedData, max_source_length: int, max_target_length: int,
+               split: str = "all", system_prompt: str | None = None):
+    """TokenStats of the whole file or the training split, with the Train form's system prompt, at the
+    given limits (cached per choice)."""
     from ..stats import compute_stats
 
+    records = loaded.splits.train + (loaded.splits.val if split == "all" else [])
+    prompt = DataConfig().system_prompt if system_prompt is None else system_prompt
     limits = (int(max_source_length), int(max_target_length))
-    return ctx.stats.get((loaded.key, *limits), lambda: compute_stats(
-        loaded.splits.train, loaded.tokenizer, DataConfig().system_prompt, *limits))
+    return ctx.stats.get((loaded.key, split, prompt, *limits), lambda: compute_stats(
+        records, loaded.tokenizer, prompt, *limits))
 
 
 def save_upload(ctx: AppContext, visitor: Visitor, temp_path: str) -> str:
@@ -154,15 +161,15 @@ def token_segments(tokenizer, input_ids: list[int], labels: list[int], trained: 
 
 
 def inspect_record(loaded: LoadedData, index: int, max_source_length: int, max_target_length: int,
-                   lang: str = "zh") -> tuple[str, list[tuple[str, str | None]], str]:
+                   lang: str = "zh", system_prompt: str | None = None) -> tuple[str, list[tuple[str, str | None]], str]:
     """What the model is trained on for row `index`: the exact text, tokens (trained ones marked), summary."""
     from ..encoding import encode_record
 
     if not 0 <= int(index) < len(loaded.rows):
-        raise DataFormatError(t("errors.row_index", lang, n=len(loaded.rows) - 1))
+        raise DataFormatError(key="errors.row_index", n=len(loaded.rows) - 1)
     _, record = loaded.rows[int(index)]
-    ex = encode_record(loaded.tokenizer, record, DataConfig().system_prompt, int(max_source_length),
-                       int(max_target_length))
+    prompt = DataConfig().system_prompt if system_prompt is None else system_prompt
+    ex = encode_record(loaded.tokenizer, record, prompt, int(max_source_length), int(max_target_length))
     text = loaded.tokenizer.decode(ex.input_ids)  # after truncation: exactly what is fed
     segments = token_segments(loaded.tokenizer, ex.input_ids, ex.labels, t("data.inspect_trained", lang))
     n_trained = sum(1 for lab in ex.labels if lab != -100)
@@ -199,10 +206,16 @@ def source_for_kind(kind: str, current: str) -> tuple[str, bool]:
 
 
 # --- Gradio handlers ------------------------------------------------------------------------
-def _loaded(ctx: AppContext, key: DataKey | None, lang: str) -> LoadedData:
+def _loaded(ctx: AppContext, key: DataKey | None) -> LoadedData:
     if not key:
-        raise DataFormatError(t("errors.load_data_first", lang))
+        raise DataFormatError(key="errors.load_data_first")
     return load_data(ctx, key)
+
+
+def summary_markdown(loaded: LoadedData, lang: str) -> str:
+    s = loaded.splits
+    summary = t("data.summary", lang, origin=md_text(s.origin), n_train=len(s.train), n_val=len(s.val))
+    return summary + ("\n\n" + "\n".join(f"- {md_text(n)}" for n in s.notes) if s.notes else "")
 
 
 @user_errors("errors.load_failed")
@@ -211,26 +224,33 @@ def on_load(ctx: AppContext, source, model_spec, trust_remote_code, page_size, l
     progress(0, desc=t("data.loading", lang))
     key = data_key(ctx, ctx.visitor_of(token, request), source, model_spec, trust_remote_code)
     loaded = load_data(ctx, key)  # a failure leaves the outputs untouched: the earlier data stays on screen
-    s = loaded.splits
-    summary = t("data.summary", lang, origin=md_text(s.origin), n_train=len(s.train), n_val=len(s.val))
-    if s.notes:
-        summary += "\n\n" + "\n".join(f"- {md_text(n)}" for n in s.notes)
     table, page, n_pages, n_matches = preview_page(loaded.rows, "", 1, page_size)
-    return (loaded.key, len(s.train), summary, _table(table, lang), page,
+    return (loaded.key, len(loaded.splits.train), summary_markdown(loaded, lang), _table(table, lang), page,
             t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches), "")
 
 
-@user_errors()
-def on_stats(ctx: AppContext, key, max_source_length, max_target_length, lang):
-    loaded = _loaded(ctx, key, lang)
-    ctx.policy.check_train_lengths(max_source_length, max_target_length)
-    stats = data_stats(ctx, loaded, max_source_length, max_target_length)
+def stats_table(stats, lang: str) -> dict:
     from ..stats import reference_table
 
     headers = [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")]
     rows = [[t(f"data.hist_{r[0]}", lang), r[1], r[2], round(r[3], 2), round(r[4], 1)] for r in reference_table(stats)]
+    return {"headers": headers, "data": rows}
+
+
+def empty_stats_table(lang: str) -> dict:
+    return {"headers": [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")], "data": []}
+
+
+@user_errors()
+def on_stats(ctx: AppContext, key, split, system_prompt, max_source_length, max_target_length, lang,
+             request: gr.Request = None):
+    loaded = _loaded(ctx, key)
+    ctx.policy.check_train_lengths(max_source_length, max_target_length)
+    system_prompt = ctx.policy.check_text(system_prompt, "system_prompt", multiline=True)
+    stats = data_stats(ctx, loaded, max_source_length, max_target_length,
+                       split if split in STATS_SPLITS else "all", system_prompt)
     fig = plots.length_histograms(stats, int(max_source_length), int(max_target_length), lang)
-    return ({"headers": headers, "data": rows}, fig, truncation_markdown(stats, lang),
+    return (stats_table(stats, lang), fig, truncation_markdown(stats, lang),
             stats.suggested_max_source_length, stats.suggested_max_target_length)
 
 
@@ -239,31 +259,58 @@ def _table(rows, lang):
 
 
 @user_errors()
-def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0):
-    loaded = _loaded(ctx, key, lang)
+def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0, request: gr.Request = None):
+    loaded = _loaded(ctx, key)
     page_size = page_size if page_size in PAGE_SIZES else PAGE_SIZES[0]
     query = ctx.policy.check_text(query, "search", max_chars=200)
-    table, page, n_pages, n_matches = preview_page(loaded.rows, query, int(page or 1) + delta, page_size)
+    try:
+        page = int(page or 1) + delta
+    except (TypeError, ValueError, OverflowError):
+        page = 1
+    table, page, n_pages, n_matches = preview_page(loaded.rows, query, page, page_size)
     return _table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
 
 
-def on_search(ctx: AppContext, key, query, page, page_size, lang):
-    return on_preview(ctx, key, query, 1, page_size, lang)  # a new query starts at its first page
+def on_search(ctx: AppContext, key, query, page, page_size, lang, request: gr.Request = None):
+    return on_preview(ctx, key, query, 1, page_size, lang, request=request)  # a new query starts at page 1
 
 
-def on_prev_page(ctx: AppContext, key, query, page, page_size, lang):
-    return on_preview(ctx, key, query, page, page_size, lang, delta=-1)
+def on_prev_page(ctx: AppContext, key, query, page, page_size, lang, request: gr.Request = None):
+    return on_preview(ctx, key, query, page, page_size, lang, delta=-1, request=request)
 
 
-def on_next_page(ctx: AppContext, key, query, page, page_size, lang):
-    return on_preview(ctx, key, query, page, page_size, lang, delta=1)
+def on_next_page(ctx: AppContext, key, query, page, page_size, lang, request: gr.Request = None):
+    return on_preview(ctx, key, query, page, page_size, lang, delta=1, request=request)
+
+
+def inspector_tokens(segments, lang: str) -> gr.HighlightedText:
+    """The tokens with the legend in the page's language only (one category, one colour)."""
+    return gr.HighlightedText(value=segments, color_map={t("data.inspect_trained", lang): TRAINED_COLOR})
 
 
 @user_errors()
-def on_inspect(ctx: AppContext, key, index, max_source_length, max_target_length, lang):
-    loaded = _loaded(ctx, key, lang)
+def on_inspect(ctx: AppContext, key, index, system_prompt, max_source_length, max_target_length, lang,
+               request: gr.Request = None):
+    loaded = _loaded(ctx, key)
     ctx.policy.check_train_lengths(max_source_length, max_target_length)
-    return inspect_record(loaded, int(index or 0), max_source_length, max_target_length, lang)
+    system_prompt = ctx.policy.check_text(system_prompt, "system_prompt", multiline=True)
+    try:
+        index = int(index or 0)
+    except (TypeError, ValueError, OverflowError):
+        raise DataFormatError(key="errors.row_index", n=len(loaded.rows) - 1) from None
+    text, segments, summary = inspect_record(loaded, index, max_source_length, max_target_length, lang, system_prompt)
+    return text, inspector_tokens(segments, lang), summary
+
+
+def on_relabel(ctx: AppContext, key, query, page, page_size, split, system_prompt, max_source_length,
+               max_target_length, lang, request: gr.Request = None):
+    """A language switch: the data on screen re-rendered in the new language (nothing when none is loaded)."""
+    if not key:
+        return (gr.skip(),) * 3 + (empty_stats_table(lang), gr.skip(), gr.skip())
+    loaded = load_data(ctx, key)
+    table, page_info = on_preview(ctx, key, query, page, page_size, lang, request=request)[::2]
+    stats = on_stats(ctx, key, split, system_prompt, max_source_length, max_target_length, lang, request)
+    return summary_markdown(loaded, lang), table, page_info, stats[0], stats[1], stats[2]
 
 
 def on_row_select(evt: gr.SelectData):
@@ -288,11 +335,12 @@ def on_upload(ctx: AppContext, path, token=None, request: gr.Request = None):
 @dataclass
 class DataHandles:
     tab: gr.Tab
-    loaded_key: gr.State  # (source, spec, trust) of what is on screen, or None
+    loaded_key: gr.State  # DataKey of what is on screen, or None
     n_train: gr.State  # training examples loaded (0 = nothing yet): the Train tab's step estimate
     source_kind: gr.Radio
     upload: gr.File
     load_button: gr.Button
+    status: gr.Markdown  # the last failed action's error, beside the actions
     summary: gr.Markdown
     search: gr.Textbox
     page: gr.Number
@@ -301,6 +349,7 @@ class DataHandles:
     next_button: gr.Button
     page_info: gr.Markdown
     preview: gr.Dataframe
+    stats_split: gr.Radio
     stats_table: gr.Dataframe
     histograms: gr.Plot
     truncation: gr.Markdown
@@ -309,6 +358,7 @@ class DataHandles:
     use_suggested: gr.Button
     inspect_index: gr.Number
     inspect_button: gr.Button
+    inspect_status: gr.Markdown
     inspect_text: gr.Textbox
     inspect_tokens: gr.HighlightedText
     inspect_summary: gr.Markdown
@@ -317,6 +367,7 @@ class DataHandles:
 
 def build(ctx: AppContext) -> DataHandles:
     """Lay the tab out; events are connected by `wire` once the Train tab exists."""
+    lang = DEFAULT_LANG
     with gr.Tab(T("data.tab"), id="data", elem_id="tab-data") as tab:
         loaded_key, n_train = gr.State(None), gr.State(0)
         with gr.Row():
@@ -325,79 +376,97 @@ def build(ctx: AppContext) -> DataHandles:
             load_button = gr.Button(T("data.load"), variant="primary", elem_id="data-load", scale=1)
         upload = gr.File(label=T("data.upload"), file_types=[".json", ".jsonl"], type="filepath",
                          visible=False, elem_id="data-upload")
+        status = gr.Markdown(elem_id="data-status")
         summary = gr.Markdown(elem_id="data-summary")
         with gr.Accordion(T("data.preview_title"), open=True):
             with gr.Row():
-                search = gr.Textbox(label=T("data.search"), placeholder="…", scale=3, elem_id="data-search")
+                search = gr.Textbox(label=T("data.search"), info=T("data.search_info"), placeholder="…", scale=3,
+                                    elem_id="data-search")
                 page = gr.Number(value=1, precision=0, minimum=1, label=T("data.page"), scale=1, elem_id="data-page")
                 page_size = gr.Dropdown(list(PAGE_SIZES), value=PAGE_SIZES[0], label=T("data.page_size"),
                                         scale=1, elem_id="data-page-size")
-            with gr.Row():
-                prev_button = gr.Button("◀", size="sm", elem_id="data-prev")
+            with gr.Row(equal_height=True):
+                prev_button = gr.Button("◀", size="sm", scale=0, min_width=60, elem_id="data-prev")
                 page_info = gr.Markdown(elem_id="data-page-info")
-                next_button = gr.Button("▶", size="sm", elem_id="data-next")
-            preview = gr.Dataframe(interactive=False, wrap=True, max_height=420, elem_id="data-preview",
-                                   column_widths=["8%", "8%", "34%", "50%"])
+                next_button = gr.Button("▶", size="sm", scale=0, min_width=60, elem_id="data-next")
+            preview = gr.Dataframe(value=_table([], lang), interactive=False, wrap=True, max_height=420,
+                                   elem_id="data-preview", column_widths=["8%", "8%", "34%", "50%"])
         with gr.Accordion(T("data.stats_title"), open=True):
-            stats_table = gr.Dataframe(interactive=False, elem_id="data-stats")
-            histograms = gr.Plot(label=T("data.histograms"), elem_id="data-histograms")
+            stats_split = gr.Radio([(T("data.split_all"), "all"), (T("data.split_train"), "train")], value="all",
+                                   label=T("data.stats_split"), elem_id="data-stats-split")
+            stats_table = gr.Dataframe(value=empty_stats_table(lang), interactive=False, elem_id="data-stats")
+            histograms = gr.Plot(show_label=False, elem_id="data-histograms")
             truncation = gr.Markdown(elem_id="data-truncation")
-            with gr.Row():
-                suggested_source = gr.Number(label=T("data.suggested_source"), interactive=False, precision=0,
-                                             elem_id="data-suggested-source")
-                suggested_target = gr.Number(label=T("data.suggested_target"), interactive=False, precision=0,
-                                             elem_id="data-suggested-target")
+            with gr.Row(equal_height=True):
+                suggested_source = gr.Number(value=None, label=T("data.suggested_source"), interactive=False,
+                                             precision=0, elem_id="data-suggested-source")
+                suggested_target = gr.Number(value=None, label=T("data.suggested_target"), interactive=False,
+                                             precision=0, elem_id="data-suggested-target")
                 use_suggested = gr.Button(T("data.use_suggested"), elem_id="data-use-suggested")
         with gr.Accordion(T("data.inspect_title"), open=False):
-            with gr.Row():
+            with gr.Row(equal_height=True):
                 inspect_index = gr.Number(value=0, precision=0, minimum=0, label=T("data.inspect_index"),
                                           elem_id="data-inspect-index")
                 inspect_button = gr.Button(T("data.inspect"), elem_id="data-inspect")
+            inspect_status = gr.Markdown(elem_id="data-inspect-status")
             inspect_summary = gr.Markdown(elem_id="data-inspect-summary")
             inspect_text = gr.Textbox(label=T("data.inspect_text"), lines=8, interactive=False,
                                       elem_id="data-inspect-text")
-            inspect_tokens = gr.HighlightedText(label=T("data.inspect_tokens"), color_map=TRAINED_COLORS,
+            inspect_tokens = gr.HighlightedText(label=T("data.inspect_tokens"),
+                                                color_map={t("data.inspect_trained", lang): TRAINED_COLOR},
                                                 show_legend=True, show_inline_category=False,
                                                 elem_id="data-inspect-tokens")
     return DataHandles(
         tab=tab, loaded_key=loaded_key, n_train=n_train, source_kind=source_kind, upload=upload,
-        load_button=load_button, summary=summary, search=search, page=page, page_size=page_size,
+        load_button=load_button, status=status, summary=summary, search=search, page=page, page_size=page_size,
         prev_button=prev_button, next_button=next_button, page_info=page_info, preview=preview,
-        stats_table=stats_table, histograms=histograms, truncation=truncation, suggested_source=suggested_source,
-        suggested_target=suggested_target, use_suggested=use_suggested, inspect_index=inspect_index,
-        inspect_button=inspect_button, inspect_text=inspect_text, inspect_tokens=inspect_tokens,
-        inspect_summary=inspect_summary)
+        stats_split=stats_split, stats_table=stats_table, histograms=histograms, truncation=truncation,
+        suggested_source=suggested_source, suggested_target=suggested_target, use_suggested=use_suggested,
+        inspect_index=inspect_index, inspect_button=inspect_button, inspect_status=inspect_status,
+        inspect_text=inspect_text, inspect_tokens=inspect_tokens, inspect_summary=inspect_summary)
 
 
-def wire(ctx: AppContext, h: DataHandles, max_source_length: gr.Number, max_target_length: gr.Number) -> DataHandles:
-    """Connect the tab's events; the max-length inputs belong to the Train tab."""
+def wire(ctx: AppContext, h: DataHandles, form: dict) -> DataHandles:
+    """Connect the tab's events; the system prompt and max-length inputs belong to the Train form."""
     private = dict(api_visibility="private")
-    stats_io = dict(fn=bind(on_stats, ctx), inputs=[h.loaded_key, max_source_length, max_target_length, ctx.lang],
-                    outputs=[h.stats_table, h.histograms, h.truncation, h.suggested_source, h.suggested_target])
+    src, tgt, system_prompt = form["max_source_length"], form["max_target_length"], form["system_prompt"]
+    stats_io = dict(fn=bind(on_stats, ctx), inputs=[h.loaded_key, h.stats_split, system_prompt, src, tgt, ctx.lang],
+                    outputs=[h.stats_table, h.histograms, h.truncation, h.suggested_source, h.suggested_target],
+                    show_progress_on=[h.histograms])
     load_io = dict(fn=bind(on_load, ctx),
                    inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang, ctx.visitor],
-                   outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search])
+                   outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search],
+                   show_progress_on=[h.summary])
     h.load_event = h.load_button.click(**load_io, api_name="load_data")
-    h.load_event.success(**stats_io, api_name="data_stats")
+    stats_event = h.load_event.success(**stats_io, api_name="data_stats")
     h.source_kind.input(on_source_kind, [h.source_kind, ctx.data_source], [ctx.data_source, h.upload], **private)
-    (h.upload.upload(bind(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind], **private)
-        .success(**load_io, **private).success(**stats_io, **private))
+    uploaded = h.upload.upload(bind(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind],
+                               show_progress_on=[h.status], **private)
+    loaded_upload = uploaded.success(**load_io, **private)
+    upload_stats = loaded_upload.success(**stats_io, **private)
+    h.stats_split.input(**stats_io, **private)
 
     page_io = dict(inputs=[h.loaded_key, h.search, h.page, h.page_size, ctx.lang],
-                   outputs=[h.preview, h.page, h.page_info])
-    h.search.input(bind(on_search, ctx), **page_io, trigger_mode="always_last", **private)
-    h.page.submit(bind(on_preview, ctx), **page_io, api_name="preview_page")
-    h.page_size.input(bind(on_preview, ctx), **page_io, **private)
-    h.prev_button.click(bind(on_prev_page, ctx), **page_io, **private)
-    h.next_button.click(bind(on_next_page, ctx), **page_io, **private)
+                   outputs=[h.preview, h.page, h.page_info], show_progress_on=[h.page_info])
+    paging = [h.search.input(bind(on_search, ctx), **page_io, trigger_mode="always_last", **private),
+              h.page.submit(bind(on_preview, ctx), **page_io, api_name="preview_page"),
+              h.page_size.input(bind(on_preview, ctx), **page_io, **private),
+              h.prev_button.click(bind(on_prev_page, ctx), **page_io, **private),
+              h.next_button.click(bind(on_next_page, ctx), **page_io, **private)]
 
     inspect_io = dict(fn=bind(on_inspect, ctx),
-                      inputs=[h.loaded_key, h.inspect_index, max_source_length, max_target_length, ctx.lang],
-                      outputs=[h.inspect_text, h.inspect_tokens, h.inspect_summary])
-    h.inspect_button.click(**inspect_io, api_name="inspect_record")
-    h.preview.select(on_row_select, None, [h.inspect_index], **private).success(**inspect_io, **private)
+                      inputs=[h.loaded_key, h.inspect_index, system_prompt, src, tgt, ctx.lang],
+                      outputs=[h.inspect_text, h.inspect_tokens, h.inspect_summary], show_progress_on=[h.inspect_status])
+    inspected = [h.inspect_button.click(**inspect_io, api_name="inspect_record"),
+                 h.preview.select(on_row_select, None, [h.inspect_index], **private).success(**inspect_io, **private)]
 
-    (h.use_suggested.click(copy_suggested, [h.suggested_source, h.suggested_target],
-                           [max_source_length, max_target_length], api_name="use_suggested_lengths")
-        .success(**stats_io, **private))
+    suggested = h.use_suggested.click(copy_suggested, [h.suggested_source, h.suggested_target], [src, tgt],
+                                      api_name="use_suggested_lengths").success(**stats_io, **private)
+    for event in (h.load_event, stats_event, uploaded, loaded_upload, upload_stats, suggested, *paging):
+        show_errors_beside(ctx, event, h.status)
+    for event in inspected:
+        show_errors_beside(ctx, event, h.inspect_status)
+    ctx.lang.change(bind(on_relabel, ctx),
+                    [h.loaded_key, h.search, h.page, h.page_size, h.stats_split, system_prompt, src, tgt, ctx.lang],
+                    [h.summary, h.preview, h.page_info, h.stats_table, h.histograms, h.truncation], **private)
     return h

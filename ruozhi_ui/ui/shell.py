@@ -18,6 +18,7 @@ from ..checkpoints import runs_root as default_runs_root
 from ..config import DEFAULT_DATASET, DEFAULT_MODEL
 from ..data import MAX_FILE_BYTES
 from ..i18n import DEFAULT_LANG, t
+from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import TOKEN, Policy, new_token, policy_from_env
 from . import compare_tab, data_tab, runs_tab, train_tab
@@ -36,6 +37,24 @@ CSS = """
 .rz-meta { font-size: 0.9em; margin-top: 4px; color: var(--body-text-color-subdued); }
 #app-offline { border: 1px solid #f59e0b; border-radius: 8px; padding: 8px; }
 #app-trust-warning, #app-model-note { color: #b45309; }
+#app-top { align-items: center; }
+#app-lang { flex-grow: 0 !important; min-width: 0 !important; }
+#app-lang .wrap { flex-wrap: nowrap; gap: 2px; }
+#app-lang label { padding: 2px 10px; min-width: 0; }
+.rz-error { color: #b91c1c; font-weight: 500; }
+.rz-muted { color: var(--body-text-color-subdued); }
+.rz-probes { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+.rz-probes th, .rz-probes td { border: 1px solid var(--border-color-primary); padding: 4px 6px; vertical-align: top;
+  text-align: left; }
+.rz-probes tbody th { font-weight: 500; width: 28%; }
+.rz-probes summary { cursor: pointer; }
+.rz-answer { white-space: pre-wrap; margin-top: 4px; }
+#compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: nowrap; }
+#compare-base-label, #compare-tuned-label { min-height: 2.6em; }
+@media (max-width: 640px) {
+  .rz-probes tbody th { width: auto; }
+  #data-preview, #data-stats, #compare-ab-table, #runs-table { overflow-x: auto; }
+}
 """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
 LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES)
@@ -73,16 +92,29 @@ def model_note(model_spec: str, lang: str) -> str:
     return t("app.demo_note", lang) if (model_spec or "").strip().lower() == "demo" else ""
 
 
+def offline_start(hub, model_spec: str, source: str, lang: str):
+    """Page load: when the Hub cannot be reached, open with the demo model and the bundled sample and say
+    why (instead of a first Load that waits through retries); online, keep the Hub defaults."""
+    if hub is None or hub.online():
+        return gr.skip(), gr.skip(), gr.skip(), gr.update(visible=False), gr.skip()
+    model = "demo" if specs.model_kind(model_spec or "", look_at_disk=False) == "hub" else model_spec
+    data = "sample" if specs.data_kind(source or "", look_at_disk=False) == "hub" else source
+    return model, data, "sample" if data == "sample" else gr.skip(), gr.update(visible=True), \
+        t("app.offline_start", lang)
+
+
 def ensure_visitor(token):
     """Page load: the browser keeps its visitor token; a browser without one (or with a bad one) gets one."""
     return token if isinstance(token, str) and TOKEN.match(token) else new_token()
 
 
-def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, policy: Policy | None = None) -> gr.Blocks:
-    """The whole UI. Tests pass their own runner (e.g. max_steps runs), runs folder and policy."""
+def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, policy: Policy | None = None,
+              hub: HubStatus | None = None) -> gr.Blocks:
+    """The whole UI. Tests pass their own runner (e.g. max_steps runs), runs folder, policy and Hub status."""
     root = Path(runs_root) if runs_root else (runner.runs_root if runner else default_runs_root())
     policy = policy or policy_from_env(root)
     runner = runner or JobRunner(policy.runs_root)
+    hub = hub or HubStatus()
     private = dict(api_visibility="private")
     with gr.Blocks(title="ruozhi-sft studio", delete_cache=DELETE_CACHE) as demo:
         visitor = gr.BrowserState(None, storage_key=VISITOR_STORAGE_KEY)
@@ -111,15 +143,17 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
                 sample_button = gr.Button(T("app.use_sample"), size="sm", elem_id="app-use-sample")
 
         ctx = AppContext(policy=policy, runner=runner, visitor=visitor, model_spec=model_spec,
-                         trust_remote_code=trust, data_source=data_source, lang=lang)
+                         trust_remote_code=trust, data_source=data_source, lang=lang, hub=hub)
         with gr.Tabs(elem_id="app-tabs") as tabs:
             data = data_tab.build(ctx)
             train = train_tab.build(ctx, data.n_train)
             with gr.Tab(T("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
                 compare = compare_tab.build(ctx)
             runs = runs_tab.build(ctx)
-        data_tab.wire(ctx, data, train.form["max_source_length"], train.form["max_target_length"])
-        visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private)
+        data_tab.wire(ctx, data, train.form)
+        visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private).then(
+            lambda m, s, lg: offline_start(hub, m, s, lg), [model_spec, data_source, lang],
+            [model_spec, data_source, data.source_kind, offline_group, offline_md], **private)
         compare_tab.wire_page_load(visitor_known, compare_block, ctx, compare)
         train_tab.wire_page_load(visitor_known, ctx, train)
         resumed = runs_tab.wire(ctx, runs, tabs, compare.checkpoint, visitor_known)

@@ -32,11 +32,11 @@ DEFAULTS = TrainConfig()
 INT_FIELDS = ("epochs", "batch_size", "grad_accum_steps", "warmup_steps", "max_source_length", "max_target_length",
               "lora_rank", "lora_alpha", "max_steps", "seed")
 FLOAT_FIELDS = ("lr", "lora_dropout", "weight_decay", "max_grad_norm")
-DATA_FIELDS = ("max_source_length", "max_target_length")
+DATA_FIELDS = ("max_source_length", "max_target_length", "system_prompt")
 # The form's fields in the order of the Start handler's inputs (after model, trust, source).
 FORM_FIELDS = ("method", "epochs", "batch_size", "grad_accum_steps", "lr", "lr_schedule", "warmup_steps",
                "max_source_length", "max_target_length", "packing", "run_name", "save_merged", "lora_rank",
-               "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm")
+               "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm", "system_prompt")
 
 
 def form_defaults() -> dict:
@@ -124,22 +124,39 @@ def progress_html(snap: JobSnapshot, lang: str, now: float | None = None) -> str
             f'<div class="rz-meta">{meta}</div></div>')
 
 
-def probes_markdown(snap: JobSnapshot, lang: str) -> str:
+PROBE_PREVIEW_CHARS = 40  # a cell shows this much of an answer; a click opens the rest
+
+
+def probes_html(snap: JobSnapshot, lang: str) -> str:
+    """The probe answers as one compact prompt x epoch table; each answer expands on click. Every text
+    is escaped: an answer is model output and may hold tags or Markdown."""
     if not snap.samples:
-        return t("train.probes_none", lang)
-    out = []
-    for sample in snap.samples:
-        out.append("#### " + t("train.probes_epoch", lang, epoch=sample.epoch, step=sample.step))
-        for prompt, answer in sample.answers:
-            quoted = "\n".join("> " + md_text(line) for line in (answer.strip() or "∅").splitlines())
-            out.append(f"**{md_text(prompt)}**\n\n{quoted}\n")
-    return "\n".join(out)
+        return f"<p class='rz-muted'>{html.escape(t('train.probes_none', lang))}</p>"
+    prompts = list(dict.fromkeys(p for sample in snap.samples for p, _ in sample.answers))
+    head = "".join(f"<th>{html.escape(t('train.probes_epoch', lang, epoch=s.epoch, step=s.step))}</th>"
+                   for s in snap.samples)
+    rows = []
+    for prompt in prompts:
+        cells = []
+        for sample in snap.samples:
+            answer = dict(sample.answers).get(prompt, "").strip()
+            if not answer:
+                cells.append(f"<td class='rz-muted'>{html.escape(t('train.probe_empty', lang))}</td>")
+                continue
+            short = answer if len(answer) <= PROBE_PREVIEW_CHARS else answer[:PROBE_PREVIEW_CHARS] + "…"
+            cells.append(f"<td><details><summary>{html.escape(short)}</summary>"
+                         f"<div class='rz-answer'>{html.escape(answer)}</div></details></td>")
+        rows.append(f"<tr><th scope='row'>{html.escape(prompt)}</th>{''.join(cells)}</tr>")
+    return (f"<table class='rz-probes'><thead><tr><th>{html.escape(t('train.probe_prompt', lang))}</th>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def checkpoints_markdown(snap: JobSnapshot, lang: str, show_path=str) -> str:
     if not snap.checkpoints:
         return t("train.checkpoints_none", lang)
-    lines = [t("train.checkpoint_line", lang, epoch=c.epoch, step=c.step, path=md_code(show_path(c.path)))
+    per_epoch = snap.started.steps_per_epoch if snap.started else 0
+    epoch_of = lambda step: -(-step // per_epoch) if per_epoch else step  # 1-based, as the probes count
+    lines = [t("train.checkpoint_line", lang, epoch=epoch_of(c.step), step=c.step, path=md_code(show_path(c.path)))
              + (" — " + t("train.checkpoint_final", lang) if c.final else "") for c in snap.checkpoints]
     if snap.run_dir:
         lines.append("\n" + t("train.run_dir", lang, path=md_code(show_path(snap.run_dir))))
@@ -160,7 +177,7 @@ def render_status(snap: JobSnapshot, lang: str = "zh", now: float | None = None,
         figure = plots.empty_figure(t("train.chart_idle", lang))
     else:
         figure = plots.loss_figure(snap.steps, snap.evals, lang)
-    return (figure, progress_html(snap, lang, now), probes_markdown(snap, lang),
+    return (figure, progress_html(snap, lang, now), probes_html(snap, lang),
             checkpoints_markdown(snap, lang, show_path), error_markdown(snap, lang, redact))
 
 
@@ -290,7 +307,7 @@ class TrainHandles:
     progress: gr.HTML
     loss_chart: gr.Plot
     error: gr.Markdown
-    probes: gr.Markdown
+    probes: gr.HTML
     checkpoints: gr.Markdown
     timer: gr.Timer
     last_version: gr.State
@@ -345,6 +362,8 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
                     form["packing"] = gr.Checkbox(value=d["packing"], label=T("train.packing"), elem_id="train-packing")
                 form["run_name"] = gr.Textbox(value=d["run_name"], label=T("train.run_name"), elem_id="train-run-name")
                 with gr.Accordion(T("train.advanced"), open=False):
+                    form["system_prompt"] = gr.Textbox(value=d["system_prompt"], label=T("train.system_prompt"),
+                                                       lines=1, elem_id="train-system-prompt")
                     with gr.Row():
                         form["max_steps"], form["seed"] = _num("max_steps", d, minimum=0), _num("seed", d)
                         form["weight_decay"] = _num("weight_decay", d, minimum=0)
@@ -361,7 +380,7 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
         loss_chart = gr.Plot(label=T("train.loss_chart"), elem_id="train-loss-chart")
         with gr.Row():
             with gr.Column(scale=2):
-                probes = gr.Markdown(elem_id="train-probes")
+                probes = gr.HTML(elem_id="train-probes")
             with gr.Column(scale=1):
                 checkpoints = gr.Markdown(elem_id="train-checkpoints")
         timer, last_version, finished = gr.Timer(1.0, active=False), gr.State(-1), gr.State(None)
