@@ -40,7 +40,7 @@ def sanitize_run_name(name: str) -> str:
     name = re.sub(r"[^\w\-.]+", "-", name).strip("-.")  # \w keeps CJK letters
     name = name[:MAX_RUN_NAME].strip("-.")
     if not name:
-        raise ConfigError("run_name is empty after removing unsafe characters; use letters, digits, '-' or '_'")
+        raise ConfigError(key="err.run_name.empty")
     return name
 
 

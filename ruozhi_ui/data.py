@@ -10,6 +10,7 @@ too deep, numbers too long, strings that are not valid Unicode (lone surrogates)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -43,6 +44,32 @@ class DatasetSplits:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Where:
+    """Where in a source a problem is, said in the reader's language: 'x.json: record 3, messages[1]'."""
+    name: str
+    line: int | None = None
+    record: int | None = None
+    message: int | None = None
+
+    def localized(self, lang: str) -> str:
+        zh = lang == "zh"
+        text = self.name
+        if self.line is not None:
+            text += f"：第 {self.line} 行" if zh else f": line {self.line}"
+        if self.record is not None:
+            text += f"：第 {self.record} 条记录" if zh else f": record {self.record}"
+        if self.message is not None:
+            text += f"，messages[{self.message}]" if zh else f", messages[{self.message}]"
+        return text
+
+    def __str__(self) -> str:
+        return self.localized("en")
+
+    def at_message(self, index: int) -> "Where":
+        return dataclasses.replace(self, message=index)
+
+
 def join_instruction(instruction: str, extra_input: str) -> str:
     """Alpaca convention: a non-empty `input` follows the instruction on a new line."""
     return f"{instruction}\n{extra_input}" if extra_input.strip() else instruction
@@ -51,43 +78,44 @@ def join_instruction(instruction: str, extra_input: str) -> str:
 def _string_field(obj: dict, key: str, where: str, required: bool = True) -> str:
     if key not in obj:
         if required:
-            raise DataFormatError(f"{where}: missing field '{key}'")
+            raise DataFormatError(key="err.data.missing_field", where=where, field=key)
         return ""
     value = obj[key]
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise DataFormatError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise DataFormatError(key="err.data.not_string", where=where, field=key, type=type(value).__name__)
     if required and not value.strip():
-        raise DataFormatError(f"{where}: field '{key}' is empty")
+        raise DataFormatError(key="err.data.empty_field", where=where, field=key)
     bad = next((c for c in value if "\ud800" <= c <= "\udfff" or c == "\x00"), None)
     if bad is not None:  # a lone surrogate cannot be encoded as UTF-8: the tokenizer and every page would fail later
-        what = "a NUL character" if bad == "\x00" else f"an invalid character (lone surrogate U+{ord(bad):04X})"
-        raise DataFormatError(f"{where}: field '{key}' contains {what}; fix the file's text")
+        if bad == "\x00":
+            raise DataFormatError(key="err.data.nul", where=where, field=key)
+        raise DataFormatError(key="err.data.surrogate", where=where, field=key, code=f"{ord(bad):04X}")
     return value
 
 
 def _chat_record(messages, where: str) -> Record:
     if not isinstance(messages, list) or not messages:
-        raise DataFormatError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+        raise DataFormatError(key="err.data.messages_list", where=where)
     system, turns = None, []
     for j, m in enumerate(messages):
-        at = f"{where}, messages[{j}]"
+        at = where.at_message(j)
         if not isinstance(m, dict):
-            raise DataFormatError(f"{at}: must be an object with 'role' and 'content'")
+            raise DataFormatError(key="err.data.message_object", where=at)
         role = _string_field(m, "role", at)
         if role not in ROLES:
-            raise DataFormatError(f"{at}: field 'role' must be one of {', '.join(ROLES)}, got '{role}'")
+            raise DataFormatError(key="err.data.role", where=at, roles=", ".join(ROLES), role=role)
         content = _string_field(m, "content", at)
         if role == "system":
             if j != 0:
-                raise DataFormatError(f"{at}: a system message may only come first")
+                raise DataFormatError(key="err.data.system_first", where=at)
             system = content
         else:
             turns.append((role, content))
     expected = ["user", "assistant"] * (len(turns) // 2)
     if len(turns) < 2 or [r for r, _ in turns] != expected:
-        raise DataFormatError(f"{where}: field 'messages' must alternate user/assistant and end with an assistant answer")
+        raise DataFormatError(key="err.data.alternate", where=where)
     pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
     return Record(instruction=pairs[-1][0], output=pairs[-1][1], system=system, history=tuple(pairs[:-1]))
 
@@ -95,7 +123,7 @@ def _chat_record(messages, where: str) -> Record:
 def parse_record(obj, where: str) -> Record:
     """One alpaca ({instruction, input?, output}) or chat ({messages}) object -> Record."""
     if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: each record must be a JSON object, got {type(obj).__name__}")
+        raise DataFormatError(key="err.data.record_object", where=where, type=type(obj).__name__)
     if "messages" in obj:
         return _chat_record(obj["messages"], where)
     instruction = _string_field(obj, "instruction", where)
@@ -107,53 +135,54 @@ def parse_record(obj, where: str) -> Record:
 def _read_text(path: Path) -> str:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise DataFormatError(
-            f"{path.name}: file is {size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit; split it or load it from the Hub")
+        raise DataFormatError(key="err.data.too_big", name=path.name, mb=f"{size / 2**20:.0f}",
+                              limit=MAX_FILE_BYTES // 2**20)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path.name}: line {line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        raise DataFormatError(key="err.data.not_utf8", where=Where(path.name, line=line), byte=e.start) from None
     if not text.strip():
-        raise DataFormatError(f"{path.name}: the file is empty")
+        raise DataFormatError(key="err.data.empty_file", name=path.name)
     return text
 
 
 def _parse_json(text: str, name: str, line: int | None = None):
     """json.loads with every way it can fail reported as one DataFormatError line."""
-    at = f"{name}: line {line}" if line else name
+    at = Where(name, line=line)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataFormatError(f"{name}: line {line or e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        raise DataFormatError(key="err.data.invalid_json", where=Where(name, line=line or e.lineno), msg=e.msg,
+                              column=e.colno) from None
     except RecursionError:
-        raise DataFormatError(f"{at}: the JSON is nested too deeply to be a record") from None
+        raise DataFormatError(key="err.data.too_deep", where=at) from None
     except ValueError as e:  # e.g. an integer of thousands of digits
-        raise DataFormatError(f"{at}: invalid JSON value ({first_line(e)})") from None
+        raise DataFormatError(key="err.data.bad_value", where=at, detail=first_line(e)) from None
 
 
 def read_records_file(path: str | Path, shown_name: str | None = None) -> list[Record]:
     """Parse a .json (a list of records) or .jsonl (one record per line) file; messages name it `shown_name`."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"{shown_name or path}: no such file")
+        raise DataFormatError(key="err.data.no_file", name=shown_name or str(path))
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
-        raise DataFormatError(f"{path.name}: unsupported file type '{suffix}'; use .json (a list) or .jsonl (one object per line)")
+        raise DataFormatError(key="err.data.file_type", name=path.name, suffix=suffix)
     text = _read_text(path)
     records = []
     if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                records.append(parse_record(_parse_json(line, path.name, n), f"{path.name}: line {n}"))
+                records.append(parse_record(_parse_json(line, path.name, n), Where(path.name, line=n)))
     else:
         data = _parse_json(text, path.name)
         if not isinstance(data, list):
-            raise DataFormatError(f"{path.name}: the top level must be a list of records, got {type(data).__name__}; for one record per line use .jsonl")
-        records = [parse_record(obj, f"{path.name}: record {i}") for i, obj in enumerate(data)]
+            raise DataFormatError(key="err.data.top_level", name=path.name, type=type(data).__name__)
+        records = [parse_record(obj, Where(path.name, record=i)) for i, obj in enumerate(data)]
     if not records:
-        raise DataFormatError(f"{path.name}: no records found")
+        raise DataFormatError(key="err.data.no_records", name=path.name)
     return records
 
 
@@ -198,18 +227,16 @@ def _load_hub(source: str, max_bytes: int | None = None) -> tuple[dict[str, list
     if max_bytes is not None:
         size = hub_dataset_bytes(repo, data_file)
         if size is not None and size > max_bytes:
-            raise DataFormatError(f"{source}: the dataset is {size / 2**20:.0f} MB, over this app's "
-                                  f"{max_bytes // 2**20} MB limit; pick one file with 'owner/name@file.json'")
+            raise DataFormatError(key="err.data.hub_too_big", source=source, mb=f"{size / 2**20:.0f}",
+                                  limit=max_bytes // 2**20)
     try:
         ds = datasets.load_dataset(repo, data_files=data_file)
     except Exception as e:  # offline, missing repo, gated, bad files: all end here
         cause = f"{type(e).__name__}: {first_line(e)}"
-        raise DataFormatError(
-            f"Could not load the Hub dataset '{source}' ({cause}). If this machine is offline or the id is wrong, "
-            "use the bundled sample ('sample') or upload a .json/.jsonl file.") from None
+        raise DataFormatError(key="err.data.hub_failed", source=source, cause=cause) from None
     splits = {}
     for name, split in ds.items():
-        splits[name] = [parse_record(obj, f"{source} [{name}] record {i}") for i, obj in enumerate(split)]
+        splits[name] = [parse_record(obj, Where(f"{source} [{name}]", record=i)) for i, obj in enumerate(split)]
     return splits, f"{repo} ({', '.join(f'{k}: {len(v)}' for k, v in splits.items())})"
 
 
@@ -222,7 +249,7 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads
     """
     source = source.strip()
     if not source:
-        raise DataFormatError("No dataset source given: use 'sample', a .json/.jsonl file, or a Hub id")
+        raise DataFormatError(key="err.data.no_source")
     notes = []
     kind = specs.data_kind(source)
     if kind == "sample":
@@ -232,7 +259,7 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads
     elif kind in ("upload", "path"):
         name = specs.upload_name(source) if kind == "upload" else Path(source).name
         if kind == "upload" and (uploads_dir is None or Path(name).name != name):
-            raise DataFormatError(f"No uploaded file '{name}' here: upload it again")
+            raise DataFormatError(key="err.data.no_upload", name=name)
         path = Path(uploads_dir) / name if kind == "upload" else Path(source).expanduser()
         records = read_records_file(path, shown_name=name if kind == "upload" else None)
         train, val = split_records(records, val_fraction, seed)
@@ -247,10 +274,9 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads
             train, val = split_records(train, val_fraction, seed)
             val_from_source = False
     else:
-        raise DataFormatError(f"'{source}' is neither 'sample', an existing .json/.jsonl file, nor a Hub id like "
-                              "'owner/name' (optionally 'owner/name@file.json')")
+        raise DataFormatError(key="err.data.unknown_source", source=source)
     if not train:
-        raise DataFormatError(f"{source}: no training records")
+        raise DataFormatError(key="err.data.no_train", source=source)
     duplicates = count_duplicates(train + val)
     if duplicates:
         notes.append(f"{duplicates} duplicate record(s) found (same instruction and output)")

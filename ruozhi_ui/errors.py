@@ -21,9 +21,13 @@ class RuozhiError(Exception):
         super().__init__(t(key, "en", **params) if key else message)
 
     def localized(self, lang: str) -> str:
+        """The message in `lang`; a field that can say itself in a language (data.Where) does so."""
         from .i18n import t
 
-        return t(self.key, lang, **self.params) if self.key else str(self)
+        if not self.key:
+            return str(self)
+        return t(self.key, lang, **{k: v.localized(lang) if hasattr(v, "localized") else v
+                                    for k, v in self.params.items()})
 
 
 class ConfigError(RuozhiError):

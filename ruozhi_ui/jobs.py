@@ -86,8 +86,8 @@ class JobRunner:
         with self._lock:
             if self._snap.status in ACTIVE:
                 if self._snap.owner == owner:
-                    raise JobConflict("A training run is already in progress; stop it or wait for it to finish")
-                raise JobConflict(busy_message(self._snap))
+                    raise JobConflict(key="err.job.running")
+                raise busy_error(self._snap)
             self._stop = threading.Event()
             self._snap = JobSnapshot(version=self._snap.version + 1, status="starting",
                                      config=config_to_dict(cfg), started_at=time.time(), owner=owner)
@@ -118,12 +118,12 @@ class JobRunner:
         with self._lock:
             return self._last_by_owner.get(owner, IDLE)
 
-    def busy_for(self, owner: str) -> str:
-        """'' when `owner` may start a run; otherwise why not, without a word about whose run it is."""
+    def busy_for(self, owner: str) -> JobConflict | None:
+        """None when `owner` may start a run; otherwise why not, without a word about whose run it is."""
         with self._lock:
             if self._snap.status not in ACTIVE or self._snap.owner == owner:
-                return ""
-            return busy_message(self._snap)
+                return None
+            return busy_error(self._snap)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job's thread ends (tests, CLI). True if it ended."""
@@ -180,10 +180,9 @@ class JobRunner:
                     self._replace(status="stopped" if stop_event.is_set() else "finished", finished_at=time.time())
 
 
-def busy_message(snap: JobSnapshot) -> str:
+def busy_error(snap: JobSnapshot) -> JobConflict:
     """What another visitor is told: the machine is busy, and roughly for how long."""
     last = snap.last_step
     if last is None:
-        return "Another visitor is training on this machine right now (it is starting); try again in a few minutes"
-    minutes = max(1, round(last.eta_s / 60))
-    return f"Another visitor is training on this machine right now, about {minutes} min left; try again then"
+        return JobConflict(key="err.job.busy_starting")
+    return JobConflict(key="err.job.busy", minutes=max(1, round(last.eta_s / 60)))

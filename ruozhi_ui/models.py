@@ -47,7 +47,7 @@ def cache_root() -> Path:
 
 def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+        raise ModelLoadError(key="err.model.no_cuda")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
@@ -134,7 +134,7 @@ def resolve_spec(spec: str) -> str:
     """A spec as `from_pretrained` takes it: the demo folder, a local folder, or a Hub id."""
     spec = spec.strip()
     if not spec:
-        raise ModelLoadError("No model given: use a Hub id like 'Qwen/Qwen2.5-0.5B-Instruct', a local folder, or 'demo'")
+        raise ModelLoadError(key="err.model.none")
     kind = specs.model_kind(spec)
     if kind == "demo":
         return str(demo_model_dir())
@@ -142,18 +142,15 @@ def resolve_spec(spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"Model folder '{spec}' does not exist")
+        raise ModelLoadError(key="err.model.no_folder", spec=spec)
     if not path.is_dir():
-        raise ModelLoadError(f"'{spec}' is a file; a model is a folder with config.json and safetensors weights")
+        raise ModelLoadError(key="err.model.is_file", spec=spec)
     return str(path.resolve())
 
 
 def _load_error(spec: str, what: str, e: Exception) -> ModelLoadError:
-    hint = ""
-    if specs.model_kind(spec) == "hub":
-        hint = (" If this machine is offline and the model is not in the Hugging Face cache, "
-                "choose 'demo' (the built-in tiny model) or a local folder.")
-    return ModelLoadError(f"Could not load the {what} for '{spec}': {first_line(e)}.{hint}")
+    key = "err.model.load_hub" if specs.model_kind(spec) == "hub" else "err.model.load"
+    return ModelLoadError(key=key, what=what, spec=spec, cause=first_line(e))
 
 
 def check_weights_match(spec: str, info: dict) -> None:
@@ -170,8 +167,7 @@ def check_weights_match(spec: str, info: dict) -> None:
     if problems:
         detail = "; ".join(f"{len(keys)} {name} (first: {', '.join(named(k) for k in keys[:3])})"
                            for name, keys in problems)
-        raise ModelLoadError(f"The weights of '{spec}' do not match its config.json: {detail}. "
-                             "The config and the safetensors files must come from the same model")
+        raise ModelLoadError(key="err.model.mismatch", spec=spec, detail=detail)
 
 
 # What a causal LM needs from a Hub repo: configs, tokenizer files and safetensors (never pickles).
@@ -205,7 +201,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     except Exception as e:
         raise _load_error(spec, "tokenizer", e) from None
     if tokenizer.chat_template is None:
-        raise ModelLoadError(f"The tokenizer of '{spec}' has no chat template; use an instruct/chat model")
+        raise ModelLoadError(key="err.model.no_template", spec=spec)
     return tokenizer
 
 

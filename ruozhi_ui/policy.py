@@ -99,7 +99,7 @@ class Policy:
         token = token if isinstance(token, str) and TOKEN.match(token) else None
         seed = token or f"session:{fallback}"
         if not token and not fallback:
-            raise PolicyError("No visitor session: reload the page")
+            raise PolicyError(key="err.policy.no_session")
         folder = root / VISITORS_DIR / hashlib.sha256(seed.encode()).hexdigest()[:32]
         return Visitor(folder.name, folder, folder / UPLOADS_DIR)
 
@@ -108,14 +108,14 @@ class Policy:
         """The spec, stripped, when this mode allows it; PolicyError otherwise."""
         spec = check_text(spec, "model", max_chars=300).strip()
         if not spec:
-            raise PolicyError("No model given: pick one from the list")
+            raise PolicyError(key="err.policy.no_model")
         if not self.public:
             return spec
         if spec.lower() == specs.DEMO:
             return specs.DEMO
         if spec in self.models:
             return spec
-        raise PolicyError(f"This public app trains and serves only these models: {', '.join(self.allowed_models)}")
+        raise PolicyError(key="err.policy.model", models=", ".join(self.allowed_models))
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
@@ -132,24 +132,22 @@ class Policy:
         """The source, stripped, when allowed; in public mode never a server path, URL, glob or builder."""
         source = check_text(source, "dataset source", max_chars=500).strip()
         if not source:
-            raise PolicyError("No dataset source given: use 'sample', upload a file, or a Hub id like 'owner/name'")
+            raise PolicyError(key="err.policy.no_source")
         kind = specs.data_kind(source, look_at_disk=not self.public)
         name = specs.upload_name(source)
         if kind == "upload" and name and safe_file_name(name) == name:
             if not (visitor.uploads / name).is_file():
-                raise PolicyError(f"No uploaded file '{name}' in this session: upload it again")
+                raise PolicyError(key="err.policy.no_upload", name=name)
             return source
         if kind == "upload":
             kind = "invalid"  # a name with a folder in it: never a path, in either mode
         if kind in ("sample", "hub") or (kind == "path" and not self.public):
             if kind == "hub" and self.public and Path(specs.split_hub_dataset(source)[0]).exists():
-                raise PolicyError(f"'{source}' is not a Hub dataset id this app can load")  # a local folder
+                raise PolicyError(key="err.policy.not_hub", source=source)  # a local folder
             return source
         if self.public:
-            raise PolicyError("In this public app a dataset is 'sample', a file you upload, or a Hub dataset "
-                              "'owner/name' (optionally '@file.json' or '@file.jsonl'); server paths are not allowed")
-        raise PolicyError(f"'{source}' is neither 'sample', a .json/.jsonl file, nor a Hub id like 'owner/name' "
-                          "(optionally 'owner/name@file.json')")
+            raise PolicyError(key="err.policy.public_source")
+        raise PolicyError(key="err.data.unknown_source", source=source)
 
     # --- checkpoints ---------------------------------------------------------------------
     def resolve_checkpoint(self, value: str, visitor: Visitor) -> Path:
@@ -169,9 +167,8 @@ class Policy:
             if path.is_dir():
                 return path
         if self.public:
-            raise PolicyError(f"'{value}' is not one of your checkpoints: press refresh and pick one from the list")
-        raise PolicyError(f"Checkpoint folder '{value}' does not exist (deleted or moved?): "
-                          "press refresh and pick another checkpoint")
+            raise PolicyError(key="err.policy.not_yours", value=value)
+        raise PolicyError(key="err.policy.no_checkpoint", value=value)
 
     def show_path(self, path: str | Path, visitor: Visitor) -> str:
         """How a path appears to this visitor: relative to their runs folder (public), as it is (local)."""
@@ -217,7 +214,7 @@ class Policy:
         check_at_least("seed", cfg.seed, 0)
         check_at_least("data seed", cfg.data.seed, 0)
         if len(cfg.probe_prompts) > 10:
-            raise PolicyError("probe_prompts: at most 10 prompts")
+            raise PolicyError(key="err.policy.probes")
         changes = dict(model=dataclasses.replace(cfg.model, spec=spec,
                                                  trust_remote_code=self.trust_remote_code(spec, cfg.model.trust_remote_code)),
                        data=dataclasses.replace(cfg.data, source=source))
@@ -239,7 +236,7 @@ class Policy:
         for name, value, bound in (("max_source_length", max_source_length, self.limits.max_source_length),
                                    ("max_target_length", max_target_length, self.limits.max_target_length)):
             if not isinstance(value, (int, float)) or value != value or int(value) != value:
-                raise ConfigError(f"{name} must be a whole number")
+                raise ConfigError(key="err.form.whole", name=name)
             check_at_least(name, int(value), 1)
             check_at_most(name, int(value), bound)
 
@@ -258,8 +255,7 @@ class Policy:
             if value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
-                raise PolicyError(f"The model config's {name} is {value!r}; this app reads configs with at most "
-                                  f"{bound:,} (is the config file damaged?)")
+                raise PolicyError(key="err.policy.config_shape", name=name, value=repr(value), bound=f"{bound:,}")
 
     # --- disk ----------------------------------------------------------------------------
     def make_room(self, visitor: Visitor, keep: tuple[Path, ...] = ()) -> None:
@@ -274,8 +270,7 @@ class Policy:
         while folder_bytes(visitor.runs_root) > quota:
             victims = [p for p in runs if p.resolve() not in keep_resolved and p.exists()]
             if not victims:
-                raise PolicyError(f"Your space is full ({self.limits.session_disk_mb} MB for runs and uploads): "
-                                  "delete a run or an upload first")
+                raise PolicyError(key="err.policy.quota", mb=self.limits.session_disk_mb)
             shutil.rmtree(victims[0], ignore_errors=True)
             runs.remove(victims[0])
 
@@ -286,12 +281,12 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s'\"`<>|:,;()\[\]{}]+/)+[^\s'\"
 
 def check_at_most(name: str, value, bound) -> None:
     if value > bound:
-        raise PolicyError(f"{name} must be at most {bound:,} here (got {value:,})")
+        raise PolicyError(key="err.limit.at_most", name=name, bound=f"{bound:,}", value=f"{value:,}")
 
 
 def check_at_least(name: str, value, bound) -> None:
     if value < bound:
-        raise PolicyError(f"{name} must be at least {bound:,} (got {value:,})")
+        raise PolicyError(key="err.limit.at_least", name=name, bound=f"{bound:,}", value=f"{value:,}")
 
 
 def check_text(value, field: str, multiline: bool = False, max_chars: int | None = None) -> str:
@@ -301,16 +296,15 @@ def check_text(value, field: str, multiline: bool = False, max_chars: int | None
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ConfigError(f"{field} must be text")
+        raise ConfigError(key="err.text.not_text", field=field)
     if max_chars is not None and len(value) > max_chars:
-        raise ConfigError(f"{field} is {len(value):,} characters long; at most {max_chars:,} are allowed")
+        raise ConfigError(key="err.text.too_long", field=field, n=f"{len(value):,}", max=f"{max_chars:,}")
     allowed = "\t\n\r" if multiline else ""
     for i, ch in enumerate(value):
         if "\ud800" <= ch <= "\udfff":
-            raise ConfigError(f"{field} contains an invalid character (a lone surrogate, U+{ord(ch):04X}) at "
-                              f"position {i}: remove it or re-type the text")
+            raise ConfigError(key="err.text.surrogate", field=field, code=f"{ord(ch):04X}", position=i)
         if unicodedata.category(ch) == "Cc" and ch not in allowed:
-            raise ConfigError(f"{field} contains a control character (U+{ord(ch):04X}) at position {i}: remove it")
+            raise ConfigError(key="err.text.control", field=field, code=f"{ord(ch):04X}", position=i)
     return value
 
 

@@ -48,7 +48,7 @@ def read_config(spec: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # offline without a cached config, missing repo, ...
-        raise ModelLoadError(f"Could not read the config of '{spec}': {first_line(e)}") from None
+        raise ModelLoadError(key="err.model.config", spec=spec, cause=first_line(e)) from None
 
 
 @lru_cache(maxsize=8)

@@ -102,9 +102,9 @@ def delete_run(root: Path, name: str, active_run: str = "") -> None:
     root = Path(root).resolve()
     folder = (root / name).resolve()
     if folder.parent != root or name.startswith(".") or not (folder / CONFIG).is_file():
-        raise PolicyError(f"'{name}' is not one of your runs")
+        raise PolicyError(key="err.runs.not_yours", name=name)
     if name == active_run:
-        raise PolicyError(f"'{name}' is still running: stop it first")
+        raise PolicyError(key="err.runs.running", name=name)
     shutil.rmtree(folder)
 
 

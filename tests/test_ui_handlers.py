@@ -316,3 +316,24 @@ def test_a_failed_runs_error_is_escaped():
 def test_the_offline_notice_quotes_the_source_as_code():
     _, text = shell.offline_notice(DEFAULT_MODEL, "owner/x` ![y](http://example.invalid/z)", "en")
     assert "`owner/x' ![y](http://example.invalid/z)`" in text
+
+
+def test_errors_follow_the_page_language_whole(data_ctx):
+    with pytest.raises(gr.Error) as zh:
+        data_tab.on_load(data_ctx, "/no/such/file.json", "demo", False, 10, "zh")
+    with pytest.raises(gr.Error) as en:
+        data_tab.on_load(data_ctx, "/no/such/file.json", "demo", False, 10, "en")
+    assert zh.value.message == "加载失败：/no/such/file.json：文件不存在"
+    assert en.value.message == "Loading failed: /no/such/file.json: no such file"
+
+
+def test_a_failed_action_leaves_its_error_for_the_line_beside_it(data_ctx):
+    from types import SimpleNamespace
+
+    from ruozhi_ui.ui.boundary import show_last_error
+
+    request = SimpleNamespace(session_hash="s1")
+    with pytest.raises(gr.Error):
+        data_tab.on_load(data_ctx, "/no/such/file.json", "demo", False, 10, "en", request=request)
+    assert show_last_error(data_ctx, request) == "<span class='rz-error'>⚠️ Loading failed: /no/such/file\\.json: no such file</span>"
+    assert show_last_error(data_ctx, request) == ""  # shown once

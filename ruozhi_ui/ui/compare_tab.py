@@ -116,15 +116,15 @@ def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k
         gen = GenConfig(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
                         top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty))
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError("generation settings must be numbers") from None
+        raise ConfigError(key="err.gen.numbers") from None
     if not all(x == x and abs(x) != float("inf") for x in (gen.temperature, gen.top_p, gen.repetition_penalty)):
-        raise ConfigError("generation settings must be finite numbers")
+        raise ConfigError(key="err.gen.finite")
     if gen.max_new_tokens < 1:
-        raise ConfigError("max_new_tokens must be at least 1")
+        raise ConfigError(key="err.gen.max_new_tokens")
     if gen.do_sample and not (gen.temperature > 0 and 0 < gen.top_p <= 1 and gen.top_k >= 0):
-        raise ConfigError("sampling needs temperature > 0, top-p in (0, 1] and top-k >= 0")
+        raise ConfigError(key="err.gen.sampling")
     if gen.repetition_penalty <= 0:
-        raise ConfigError("repetition_penalty must be above 0 (1.0 = off)")
+        raise ConfigError(key="err.gen.repetition")
     return gen
 
 
@@ -217,7 +217,7 @@ def load_pair(ctx: AppContext, visitor: Visitor, base_spec: str, checkpoint: str
               lang: str):
     """(base, tuned) LoadedModels for a visitor, after the policy has passed both."""
     if not checkpoint:
-        raise GenerationError(t("compare.err_no_checkpoint", lang))
+        raise GenerationError(key="compare.err_no_checkpoint")
     spec = ctx.policy.check_model(base_spec)
     path = ctx.policy.resolve_checkpoint(checkpoint, visitor)
     base = ctx.models.get(spec, trust_remote_code=ctx.policy.trust_remote_code(spec, trust_remote_code))
@@ -234,7 +234,7 @@ def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, la
     """Before the first answer: download a Hub base model in its own event, so the base pane shows the
     download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders."""
     if not checkpoint:  # say so before a 1 GB download, not after
-        raise GenerationError(t("compare.err_no_checkpoint", lang))
+        raise GenerationError(key="compare.err_no_checkpoint")
     fetch_model_files(ctx.policy.check_model(base_spec or ""))
     return gr.skip()
 
@@ -294,16 +294,16 @@ def ab_prompts(ctx: AppContext, visitor: Visitor, source: str, limit, pasted: st
     try:
         limit = max(1, int(limit or 1))
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError("the number of A/B prompts must be a whole number") from None
+        raise ConfigError(key="err.form.whole", name="the number of A/B prompts") from None
     ctx.policy.check_generation(1, limit)
     if source == "pasted":
         text = ctx.policy.check_text(pasted, "pasted prompts", multiline=True)
         return [line.strip() for line in (text or "").splitlines() if line.strip()][:limit], None, []
     if not checkpoint:
-        raise GenerationError("Pick a fine-tuned checkpoint first: its run's validation split is what A/B scores")
+        raise GenerationError(key="err.ab.no_checkpoint")
     cfg = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor))
     if cfg is None:
-        raise GenerationError("This checkpoint has no run_config.json naming its data: paste prompts instead")
+        raise GenerationError(key="err.ab.no_run_config")
     data = cfg.data
     source = ctx.policy.check_data_source(data.source, visitor)
     records = load_source(source, data.val_fraction, data.seed, uploads_dir=visitor.uploads,
@@ -329,7 +329,7 @@ def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote
     ctx.policy.check_generation(gen.max_new_tokens, len(prompts))
     ctx.policy.check_text(system_prompt, "system prompt", multiline=True)
     if not prompts:
-        raise ConfigError(t("compare.err_no_prompts", lang))
+        raise ConfigError(key="compare.err_no_prompts")
     base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
     cancel = _register(request)
     try:

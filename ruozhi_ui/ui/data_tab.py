@@ -100,11 +100,10 @@ def save_upload(ctx: AppContext, visitor: Visitor, temp_path: str) -> str:
     temp = Path(temp_path)
     name = safe_file_name(temp.name)
     if not name.lower().endswith(specs.DATA_SUFFIXES):
-        raise DataFormatError(f"{name or 'the file'}: unsupported file type; upload a .json (a list) or .jsonl "
-                              "(one object per line) file")
+        raise DataFormatError(key="err.upload.type", name=name or "?")
     size, limit = temp.stat().st_size, ctx.policy.limits.upload_mb * 2**20
     if size > limit:
-        raise PolicyError(f"{name}: the file is {size / 2**20:.0f} MB, over this app's {limit // 2**20} MB upload limit")
+        raise PolicyError(key="err.upload.size", name=name, mb=f"{size / 2**20:.0f}", limit=limit // 2**20)
     visitor.uploads.mkdir(parents=True, exist_ok=True)
     ctx.policy.make_room(visitor)
     target = visitor.uploads / name

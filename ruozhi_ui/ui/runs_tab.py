@@ -73,7 +73,7 @@ def _record(ctx: AppContext, name, token, request) -> RunRecord:
     _, records = visitor_runs(ctx, token, request)
     found = next((r for r in records if r.name == name), None)
     if found is None:
-        raise ConfigError(f"'{name}' is not one of your runs: press refresh")
+        raise ConfigError(key="err.runs.not_yours", name=name)
     return found
 
 
@@ -82,7 +82,7 @@ def on_open_in_compare(ctx: AppContext, name, lang, token=None, request: gr.Requ
     """Switch to Compare with the run's final checkpoint picked."""
     record = _record(ctx, name, token, request)
     if not record.final_checkpoint:
-        raise ConfigError(t("runs.no_final", lang))
+        raise ConfigError(key="runs.no_final")
     return record.final_checkpoint, gr.Tabs(selected="compare")
 
 
@@ -134,21 +134,19 @@ def on_resume(ctx: AppContext, name, epochs, lang, token=None, request: gr.Reque
     visitor = ctx.visitor_of(token, request)
     path, saved = resumable_checkpoint(ctx, name, token, request)
     if saved is None:
-        raise ConfigError(t("runs.resume_none", lang))
+        raise ConfigError(key="runs.resume_none")
     try:
         epochs = int(epochs)
     except (TypeError, ValueError):
-        raise ConfigError("epochs must be a whole number") from None
+        raise ConfigError(key="err.form.whole", name="epochs") from None
     if epochs <= saved.epochs:
-        raise ConfigError(f"epochs must be more than the run's {saved.epochs} to continue it")
+        raise ConfigError(key="err.runs.more_epochs", epochs=saved.epochs)
     cfg = dataclasses.replace(saved, epochs=epochs, resume_from=str(path), max_steps=0,
                               run_name=sanitize_run_name(f"{name}-cont"))
     cfg = ctx.policy.check_train_config(cfg, visitor)
     busy = ctx.runner.busy_for(visitor.id)
     if busy:
-        from ..errors import JobConflict
-
-        raise JobConflict(busy)
+        raise busy
     ctx.policy.make_room(visitor, keep=(path.parent.parent,))
     ctx.runner.start(cfg, owner=visitor.id, runs_root=visitor.runs_root)
     return t("runs.resumed", lang, checkpoint=md_code(record_name(path, visitor)), name=md_text(cfg.run_name))

@@ -46,16 +46,16 @@ def form_defaults() -> dict:
 
 def _number(name: str, value, kind):
     if value is None or value == "":
-        raise ConfigError(f"{name} is empty; enter a number")
+        raise ConfigError(key="err.form.empty", name=name)
     try:
         number = float(value) if not isinstance(value, int) or isinstance(value, bool) else value
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+        raise ConfigError(key="err.form.number", name=name, value=repr(str(value)[:40])) from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name} must be a finite number")
+        raise ConfigError(key="err.form.finite", name=name)
     if kind is int:
         if isinstance(number, float) and number != int(number):
-            raise ConfigError(f"{name} must be a whole number, got {value}")
+            raise ConfigError(key="err.form.whole_got", name=name, value=value)
         return int(number)
     return float(number)
 
@@ -227,9 +227,7 @@ def on_start(ctx: AppContext, model_spec, trust_remote_code, data_source, lang, 
     cfg = _config(ctx, visitor, model_spec, trust_remote_code, data_source, form)
     busy = ctx.runner.busy_for(visitor.id)
     if busy:  # before touching the disk: nothing of the other run is said but how long it has left
-        from ..errors import JobConflict
-
-        raise JobConflict(busy)
+        raise busy
     ctx.policy.make_room(visitor)
     ctx.runner.start(cfg, owner=visitor.id, runs_root=visitor.runs_root)
     return t("train.started", lang, run_name=md_code(cfg.run_name))
