@@ -65,7 +65,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "data.hist_total": {"zh": "总长度", "en": "Total"},
     "data.hist_limit": {"zh": "上限 {n}", "en": "limit {n}"},
     "data.hist_xaxis": {"zh": "token 数", "en": "tokens"},
-    "data.truncation": {"zh": "按当前上限（max_source_length {src}，max_target_length {tgt}）：提示被截断 **{prompt:.1%}**，回答被截断 **{output:.1%}**，任一被截断 **{any:.1%}**。补齐浪费：固定宽度 {waste_ref:.1%}，按长度分组 {waste_grouped:.1%}。（统计 {n}/{n_total} 条）", "en": "At the current limits (max_source_length {src}, max_target_length {tgt}): prompts truncated **{prompt:.1%}**, answers truncated **{output:.1%}**, either **{any:.1%}**. Padding waste: fixed width {waste_ref:.1%}, length-grouped {waste_grouped:.1%}. ({n}/{n_total} records measured)"},
+    "data.truncation": {"zh": "按当前上限（max_source_length {src}，max_target_length {tgt}）：提示被截断 **{prompt:.1%}**（{n_prompt} 条），回答被截断 **{output:.1%}**（{n_output} 条，这些回答不学习结束符），任一被截断 **{any:.1%}**。补齐浪费：固定宽度 {waste_ref:.1%}，按长度分组 {waste_grouped:.1%}。（统计 {n}/{n_total} 条）", "en": "At the current limits (max_source_length {src}, max_target_length {tgt}): prompts truncated **{prompt:.1%}** ({n_prompt}), answers truncated **{output:.1%}** ({n_output}; they learn no end token), either **{any:.1%}**. Padding waste: fixed width {waste_ref:.1%}, length-grouped {waste_grouped:.1%}. ({n}/{n_total} records measured)"},
     "data.suggested_source": {"zh": "建议 max_source_length（提示 p95）", "en": "Suggested max_source_length (prompt p95)"},
     "data.suggested_target": {"zh": "建议 max_target_length（回答 p95）", "en": "Suggested max_target_length (output p95)"},
     "data.use_suggested": {"zh": "使用建议长度", "en": "Use suggested lengths"},

@@ -47,6 +47,8 @@ class TokenStats:
     max_target_length: int
     prompt_truncated_share: float  # examples whose prompt exceeds max_source_length
     output_truncated_share: float  # examples whose answer exceeds max_target_length
+    prompt_truncated_count: int  # how many: their user text is cut
+    output_truncated_count: int  # how many: their answer is cut and learns no end token
     any_truncated_share: float
     padding_waste_reference: float  # pad share when all rows are max_source + max_target + 1 wide
     padding_waste_grouped: float  # pad share with length-grouped batches padded to their longest
@@ -126,6 +128,7 @@ def compute_stats(records: list[Record], tokenizer, system_prompt: str, max_sour
         max_source_length=max_source_length, max_target_length=max_target_length,
         prompt_truncated_share=sum(prompt_cut) / n,
         output_truncated_share=sum(answer_cut) / n,
+        prompt_truncated_count=sum(prompt_cut), output_truncated_count=sum(answer_cut),
         any_truncated_share=sum(p or a for p, a in zip(prompt_cut, answer_cut)) / n,
         padding_waste_reference=1 - sum(capped) / (n * reference_width),
         padding_waste_grouped=padding_waste_grouped(capped, batch_size, seed=0),
@@ -167,7 +170,8 @@ def format_table(stats: TokenStats) -> str:
         "",
         "prompt = chat-templated prompt (system prompt + assistant header); total = prompt + answer + end token",
         f"limits: max_source_length {stats.max_source_length}, max_target_length {stats.max_target_length}",
-        f"truncated: prompt {stats.prompt_truncated_share:.1%}, answer {stats.output_truncated_share:.1%}, "
+        f"truncated: prompt {stats.prompt_truncated_share:.1%} ({stats.prompt_truncated_count}), "
+        f"answer {stats.output_truncated_share:.1%} ({stats.output_truncated_count}: trained without the end token), "
         f"either {stats.any_truncated_share:.1%}",
         f"padding: {stats.padding_waste_reference:.1%} padded to max_source+max_target+1 (reference), "
         f"{stats.padding_waste_grouped:.1%} with length-grouped batches",

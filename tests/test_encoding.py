@@ -50,11 +50,14 @@ def test_prompt_truncation_keeps_the_assistant_header(tokenizer):
     assert ids[:40 - len(header)] == full_ids[:40 - len(header)]
 
 
-def test_answer_truncation_still_ends_with_end_token(tokenizer):
+def test_a_truncated_answer_gets_no_end_token_label(tokenizer):
+    # A label on <|im_end|> after a cut answer teaches the model to stop mid-sentence.
     e = encode(tokenizer, Record("问题", "很长的回答。" * 100), max_target=5)
     assert e.answer_truncated
-    assert len(e.input_ids) - e.prompt_len == 6
-    assert e.labels[-1] == end_of_turn_id(tokenizer)
+    assert len(e.input_ids) - e.prompt_len == 5
+    assert end_of_turn_id(tokenizer) not in e.labels
+    kept = encode_record(tokenizer, Record("问题", "很长的回答。" * 100), SYSTEM, 62, 5, label_truncated_end=True)
+    assert kept.labels[-1] == end_of_turn_id(tokenizer)
 
 
 def test_collate_pads_on_the_right_only(tokenizer):
@@ -121,7 +124,8 @@ def test_encoding_a_batch_gives_what_encoding_each_record_gives(tokenizer, max_s
     for record, example in zip(records, batch, strict=True):
         prompt, truncated = encode_prompt(tokenizer, record, SYSTEM, max_source)
         answer = tokenizer(record.output, add_special_tokens=False).input_ids
-        assert example.input_ids == prompt + answer[:max_target] + [end_of_turn_id(tokenizer)]
+        end = [] if len(answer) > max_target else [end_of_turn_id(tokenizer)]
+        assert example.input_ids == prompt + answer[:max_target] + end
         assert example.prompt_len == len(prompt) and example.prompt_truncated == truncated
         assert example.answer_truncated == (len(answer) > max_target)
     assert batch[-1].prompt_truncated
@@ -138,3 +142,49 @@ def test_batch_token_ids_are_the_tokenizer_s_own_with_or_without_its_backend(tok
         assert batch_token_ids(tokenizer, texts) == expected
     finally:
         tokenizer.backend_tokenizer.no_truncation()
+
+
+
+# --- the prompt is split in token space (issue #18 a) -----------------------------------------------
+TRICKY = ["a", "start", "im", "user", "system", "assistant", "你", SYSTEM]
+
+
+@pytest.mark.parametrize("instruction", TRICKY)
+def test_an_untruncated_prompt_is_the_tokenizers_own(tokenizer, instruction):
+    record = Record(instruction, "回答")
+    own = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}],
+                                        add_generation_prompt=True, tokenize=True)
+    own = own["input_ids"] if isinstance(own, dict) or hasattr(own, "keys") else own
+    e = encode(tokenizer, record)
+    assert e.input_ids[:e.prompt_len] == list(own)
+    assert e.input_ids[e.prompt_len:] == tokenizer("回答", add_special_tokens=False).input_ids + [end_of_turn_id(tokenizer)]
+
+
+@pytest.mark.parametrize("instruction", TRICKY)
+def test_a_short_max_source_length_cuts_the_user_text_and_keeps_the_assistant_header(tokenizer, instruction):
+    record = Record(instruction * 30, "回答")
+    header = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    full = encode(tokenizer, record, max_source=10_000)
+    template = full.prompt_len - len(tokenizer(instruction * 30, add_special_tokens=False).input_ids)
+    cut = encode(tokenizer, record, max_source=template + 2)
+    assert cut.prompt_truncated and cut.prompt_len == template + 2
+    assert cut.input_ids[cut.prompt_len - len(header):cut.prompt_len] == header
+    assert cut.input_ids[:cut.prompt_len - len(header) - 2] == full.input_ids[:cut.prompt_len - len(header) - 2]
+
+
+# --- multi-turn records train every answer (issue #18 c) -------------------------------------------
+def test_every_assistant_turn_of_a_multi_turn_record_is_labelled(tokenizer):
+    end = end_of_turn_id(tokenizer)
+    record = Record("第三问", "第三答", history=(("第一问", "第一答"), ("第二问", "第二答")))
+    messages = [{"role": "system", "content": SYSTEM}]
+    for u, a in [("第一问", "第一答"), ("第二问", "第二答"), ("第三问", "第三答")]:
+        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    own = tokenizer(rendered, add_special_tokens=False).input_ids
+    e = encode(tokenizer, record)  # max_source 62 bounds the last turn; the history comes on top of it
+    assert e.input_ids == own[:len(e.input_ids)] and len(own) - len(e.input_ids) == 1  # all but the final "\n"
+    labelled = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
+    answers = [tokenizer(a, add_special_tokens=False).input_ids + [end] for a in ("第一答", "第二答", "第三答")]
+    assert labelled == [t for a in answers for t in a]
+    only_last = encode_record(tokenizer, record, SYSTEM, 62, 151, train_all_turns=False)
+    assert [t for t, lab in zip(only_last.input_ids, only_last.labels) if lab != IGNORE_INDEX] == answers[-1]

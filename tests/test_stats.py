@@ -136,3 +136,13 @@ def test_prompt_length_equals_encoded_prompt_on_demo_tokenizer(tokenizer):
     assert st.lengths["instruction"] == [len(tokenizer(record.instruction).input_ids)]
     assert st.lengths["total"] == [len(ids) + len(tokenizer(record.output).input_ids) + 1]
     assert st.suggested_max_source_length == math.ceil(len(ids))
+
+
+def test_statistics_count_the_answers_that_will_be_cut(tokenizer):
+    from ruozhi_ui.data import Record
+    from ruozhi_ui.stats import compute_stats, format_table
+
+    records = [Record("问", "答" * 3), Record("问", "很长的回答" * 50), Record("问", "很长的回答" * 60)]
+    stats = compute_stats(records, tokenizer, "你是一个有帮助的助手", 62, 20)
+    assert (stats.output_truncated_count, stats.prompt_truncated_count) == (2, 0)
+    assert "answer 66.7% (2: trained without the end token)" in format_table(stats)

@@ -183,6 +183,7 @@ def inspect_record(loaded: LoadedData, index: int, max_source_length: int, max_t
 def truncation_markdown(stats, lang: str) -> str:
     return t("data.truncation", lang, src=stats.max_source_length, tgt=stats.max_target_length,
              prompt=stats.prompt_truncated_share, output=stats.output_truncated_share,
+             n_prompt=stats.prompt_truncated_count, n_output=stats.output_truncated_count,
              any=stats.any_truncated_share, waste_ref=stats.padding_waste_reference,
              waste_grouped=stats.padding_waste_grouped, n=stats.n, n_total=stats.n_total)
 
