@@ -44,7 +44,7 @@ from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from ruozhi_ui.data import Record  # noqa: E402
 from ruozhi_ui.encoding import IGNORE_INDEX, collate_padded, encode_record  # noqa: E402
 from ruozhi_ui.events import EvalDone, ListSink, StepLogged  # noqa: E402
-from ruozhi_ui.loss import batch_loss_sum, label_positions  # noqa: E402
+from ruozhi_ui.train.loss import batch_loss_sum, label_positions  # noqa: E402
 from ruozhi_ui.models import train_chat_tokenizer  # noqa: E402
 
 # Qwen2.5-0.5B-Instruct's published hyper-parameters.
@@ -190,7 +190,7 @@ def run_reference(ws: dict, device, out_dir: Path) -> dict:
 def run_ours(ws: dict, device, out_dir: Path, name: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ruozhi_ui.engine import train
+    from ruozhi_ui.train import train
 
     cfg = TrainConfig(model=ModelConfig(spec=ws["model"]),
                       data=DataConfig(source=ws["data"], system_prompt=ws["system"], val_fraction=ws["val_fraction"],

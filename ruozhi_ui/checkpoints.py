@@ -69,7 +69,8 @@ def begin_checkpoint(final_path: Path) -> Path:
 
 
 def commit_checkpoint(tmp: Path, final_path: Path) -> Path:
-    """Swap the finished temporary folder into place (a rename is atomic on one file system)."""
+    """Swap the finished temporary folder into place (a rename is atomic on one file system). A crash
+    between the two renames leaves `.old-<name>-*` and no `<name>`: `recover_checkpoints` puts it back."""
     if final_path.exists():
         old = final_path.with_name(f".old-{final_path.name}-{time.monotonic_ns()}")
         final_path.rename(old)
@@ -78,6 +79,29 @@ def commit_checkpoint(tmp: Path, final_path: Path) -> Path:
     else:
         tmp.rename(final_path)
     return final_path
+
+
+def recover_checkpoints(checkpoints_dir: Path) -> list[str]:
+    """Clean up after a crash mid-save: half-written `.tmp-*` folders go; an `.old-<name>-*` folder whose
+    `<name>` is missing (the crash came between the two renames) is renamed back, so the last good
+    `final` is never lost; one whose `<name>` exists is the replaced copy and goes. Returns what it did."""
+    done = []
+    if not Path(checkpoints_dir).is_dir():
+        return done
+    for path in sorted(Path(checkpoints_dir).iterdir()):
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+        elif path.name.startswith(".old-"):
+            name = path.name[len(".old-"):].rsplit("-", 1)[0]
+            target = path.with_name(name)
+            if target.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path.name}")
+            else:
+                path.rename(target)
+                done.append(f"recovered {name}")
+    return done
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -199,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = policy.check_train_config(build_train_config(args, run_name), policy.visitor())
     # The engine loads the tokenizer and the data before the model and raises a
     # RuozhiError for a bad path or spec, so those fail in seconds, as one line (main).
-    from .engine import train
+    from .train import train
 
     printer, stop_event = Printer(), threading.Event()
 

@@ -42,6 +42,8 @@ class DataConfig:
     max_target_length: int = 151  # tokens of answer before <|im_end|>; reference: o_95 151.6
     val_fraction: float = 0.05  # held out when the source has no validation split
     seed: int = 42  # for the held-out split
+    train_all_turns: bool = True  # multi-turn records: learn every assistant answer, not only the last
+    label_truncated_end: bool = False  # an answer cut at max_target_length still learns <|im_end|> (teaches stopping mid-sentence)
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,11 @@ class TrainConfig:
     save_every_epoch: bool = True  # the reference saved each epoch
     resume_from: str = ""  # checkpoint folder to continue from ("" = fresh run)
     device: str = "auto"  # "auto", "cpu", "cuda"
-    cuda_graphs: str = "auto"  # "auto"/"on": full-parameter steps on CUDA run as replayed CUDA graphs; "off": eager
-    torch_compile: str = "auto"  # "auto": inside those graphs, fused-kernel (Qwen2) or compiled decoder layers; "off"
+    cuda_graphs: str = "auto"  # "auto": full-parameter bf16 steps on CUDA replay as CUDA graphs; "on": refuse to run otherwise; "off": eager
+    fast_layers: str = "auto"  # "auto": inside those graphs, fused-kernel (Qwen2) or compiled decoder layers; "off"
     save_resume_state: bool = True  # keep optimizer/RNG state (2x the model) with the newest checkpoint for resume
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit; for smoke tests)
+    keep_checkpoints: int = 0  # epoch checkpoints kept besides `final`, the newest (0 = all)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.method != "lora" or len(cfg.lora_target_modules) > 0, "lora_target_modules must name at least one module"),
         (cfg.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
         (cfg.cuda_graphs in ("auto", "on", "off"), "cuda_graphs must be 'auto', 'on' or 'off'"),
-        (cfg.torch_compile in ("auto", "off"), "torch_compile must be 'auto' or 'off'"),
+        (cfg.fast_layers in ("auto", "off"), "fast_layers must be 'auto' or 'off'"),
+        (cfg.keep_checkpoints >= 0, "keep_checkpoints must be 0 (all) or more"),
         (cfg.log_every_steps >= 0, "log_every_steps must be 0 (auto) or more"),
         (cfg.max_steps >= 0, "max_steps must be 0 (no limit) or more"),
         (bool(cfg.model.spec.strip()), "model spec is empty: give a Hub id, a local folder or 'demo'"),

@@ -21,8 +21,11 @@ class RunStarted:
     params_trained: int
     params_total: int
     device: str  # e.g. "cuda (NVIDIA H100)" or "cpu"
-    precision: str  # e.g. "bf16 autocast, fp32 master weights"
+    precision: str  # e.g. "bf16 weights, fp32 AdamW moments, stochastic rounding; CUDA graphs" (CLI, logs)
     start_step: int = 0  # > 0 when resumed
+    precision_code: str = ""  # "fp32" | "bf16" | "bf16-autocast": the page says it in plain words
+    steps_code: str = ""  # "eager" | "graphs" | "graphs+fused" | "graphs+compile"
+    resumed_from: str = ""  # the checkpoint a resumed run continues
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,21 @@ class StepLogged:
     eta_s: float
     mem_gib: float  # peak accelerator memory so far (0 on CPU)
     num_steps: int
+
+
+@dataclass(frozen=True)
+class PhaseChanged:
+    step: int
+    phase: str  # "training" | "validating" | "probing" | "saving"
+
+
+@dataclass(frozen=True)
+class PrecisionChanged:
+    """The run changed how it computes mid-way (fast layers failed and were dropped): the page updates its line."""
+    step: int
+    precision: str  # the new description, as RunStarted.precision
+    steps_code: str  # the new RunStarted.steps_code
+    reason: str  # what failed, one line
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class JobFinished:
     run_dir: str
     final_checkpoint: str
     elapsed_s: float
+    finished_at: float = 0.0  # time.time() once the final checkpoint is on disk (Compare and Runs order by it)
 
 
 @dataclass(frozen=True)
@@ -75,9 +94,29 @@ class JobFailed:
     hint: str  # what to try next ("" when there is nothing better to say)
     run_dir: str = ""
     last_checkpoint: str = ""
+    finished_at: float = 0.0
 
 
-Event = Union[RunStarted, StepLogged, EvalDone, SampleGenerated, CheckpointSaved, JobFinished, JobFailed]
+Event = Union[RunStarted, StepLogged, PhaseChanged, PrecisionChanged, EvalDone, SampleGenerated, CheckpointSaved,
+              JobFinished, JobFailed]
+EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepLogged, PhaseChanged, PrecisionChanged, EvalDone,
+                                              SampleGenerated, CheckpointSaved, JobFinished, JobFailed)}
+
+
+def event_to_json(event: Event) -> dict:
+    """{"event": <type name>, **fields}: a line of metrics.jsonl, or of a torchrun child's stdout."""
+    from dataclasses import asdict
+
+    return {"event": type(event).__name__, **asdict(event)}
+
+
+def event_from_json(data: dict) -> Event:
+    """The inverse of `event_to_json` (tuples come back from JSON lists)."""
+    cls = EVENT_TYPES[data["event"]]
+    fields = {k: v for k, v in data.items() if k != "event"}
+    if cls is SampleGenerated:
+        fields["answers"] = tuple(tuple(pair) for pair in fields["answers"])
+    return cls(**fields)
 EmitFn = Callable[[Event], None]
 
 

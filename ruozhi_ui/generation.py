@@ -23,9 +23,8 @@ from . import specs
 from .cache import LoadingLRU
 from .config import GenConfig, TrainConfig, load_config
 from .data import Record
-from .encoding import collate_padded, encode_record, end_of_turn_id, pad_id, render_prompt
+from .encoding import encode_records, end_of_turn_id, pad_id, render_prompt
 from .errors import GenerationError, ModelLoadError, first_line
-from .loss import batch_loss_sum, label_positions
 from .models import describe_spec, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
 
 MAX_CACHED_MODELS = 3  # base + tuned + one more to switch back to; each Qwen2.5-0.5B is ~2 GB in fp32
@@ -336,23 +335,16 @@ def batch_ab(base: LoadedModel, tuned: LoadedModel, prompts: list[str], referenc
     return list(iter_batch_ab(base, tuned, prompts, references, system_prompt, gen))
 
 
-@torch.no_grad()
 def validation_loss(loaded: LoadedModel, records: list[Record], system_prompt: str, max_source_length: int,
                     max_target_length: int, batch_size: int = 8) -> float:
     """Mean cross-entropy over every label token of `records`: the training objective, no grad."""
+    from .train.evaluate import mean_label_loss
+
     if not records:
         raise GenerationError("No validation records to score: the dataset has no validation split")
-    tok, device = loaded.tokenizer, _device_of(loaded.model)
-    examples = [encode_record(tok, r, system_prompt, max_source_length, max_target_length) for r in records]
-    examples.sort(key=len)  # similar lengths together: little padding
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate_padded(examples[start:start + batch_size], pad_id(tok))
-        batch["positions"], batch["targets"] = label_positions(batch.pop("labels"))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(batch_loss_sum(loaded.model, batch))
-        count += batch["targets"].numel()
-    return total / count
+    tok = loaded.tokenizer
+    examples = encode_records(tok, records, system_prompt, max_source_length, max_target_length)
+    return mean_label_loss(loaded.model, examples, pad_id(tok), _device_of(loaded.model), batch_size)
 
 
 AB_COLUMNS = ["prompt", "reference", "base_answer", "tuned_answer", "base_len", "tuned_len"]

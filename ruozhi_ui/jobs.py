@@ -12,6 +12,7 @@ tells another visitor that the machine is busy and for how long, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
@@ -23,8 +24,8 @@ from typing import Callable
 from .checkpoints import runs_root as default_runs_root
 from .config import TrainConfig, config_to_dict, validate
 from .errors import JobConflict, RuozhiError, first_line
-from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, RunStarted, SampleGenerated,
-                     StepLogged)
+from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, PhaseChanged, PrecisionChanged,
+                     RunStarted, SampleGenerated, StepLogged)
 from .policy import safe_text
 
 ACTIVE = ("starting", "running", "stopping")
@@ -48,6 +49,7 @@ class JobSnapshot:
     started_at: float = 0.0  # time.time() when Start was accepted
     finished_at: float = 0.0
     owner: str = LOCAL  # who started it: "local" or a public visitor's id
+    phase: str = ""  # "training" | "validating" | "probing" | "saving" while it runs
 
     @property
     def active(self) -> bool:
@@ -62,7 +64,7 @@ IDLE = JobSnapshot(version=0, status="idle")
 
 
 def _default_train(cfg, emit, stop_event, runs_root):
-    from .engine import train  # imported late: torch/transformers load only when training starts
+    from .train import train  # imported late: torch/transformers load only when training starts
 
     return train(cfg, emit=emit, stop_event=stop_event, runs_root=runs_root)
 
@@ -153,6 +155,11 @@ class JobRunner:
                 self._replace(status=status, started=event, run_dir=event.run_dir)
             elif isinstance(event, StepLogged):
                 self._replace(steps=s.steps + (event,))
+            elif isinstance(event, PhaseChanged):
+                self._replace(phase=event.phase)
+            elif isinstance(event, PrecisionChanged) and s.started is not None:  # fast layers were dropped
+                self._replace(started=dataclasses.replace(s.started, precision=event.precision,
+                                                          steps_code=event.steps_code))
             elif isinstance(event, EvalDone):
                 self._replace(evals=s.evals + (event,))
             elif isinstance(event, SampleGenerated):

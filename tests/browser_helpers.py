@@ -78,7 +78,7 @@ class GatedTrain:
         self.held, self.release = threading.Event(), threading.Event()
 
     def __call__(self, cfg, emit, stop_event, runs_root):
-        from ruozhi_ui.engine import train
+        from ruozhi_ui.train import train
         from ruozhi_ui.events import StepLogged
 
         def gated_emit(event) -> None:

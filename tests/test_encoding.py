@@ -6,7 +6,7 @@ import torch
 from ruozhi_ui.data import Record
 from ruozhi_ui.encoding import (IGNORE_INDEX, batch_token_ids, collate_packed, collate_padded, encode_prompt,
                                 encode_record, encode_records, end_of_turn_id, length_grouped_batches, render_prompt)
-from ruozhi_ui.loss import batch_loss_sum, label_positions
+from ruozhi_ui.train.loss import batch_loss_sum, label_positions
 
 SYSTEM = "你是一个有帮助的助手"
 RECORDS = [

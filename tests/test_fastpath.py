@@ -1,4 +1,5 @@
-"""The CUDA fast path: its static padded blocks change no loss (CPU), and the graphed engine trains (GPU only)."""
+"""The CUDA fast path (ruozhi_ui/cuda/): its static padded blocks change no loss (CPU), and the graphed engine
+trains (GPU only)."""
 
 import dataclasses
 
@@ -9,8 +10,8 @@ from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
 from ruozhi_ui.data import load_source
 from ruozhi_ui.encoding import collate_padded, encode_record
 from ruozhi_ui.encoding import IGNORE_INDEX
-from ruozhi_ui.fastpath import bucket_length, pad_step
-from ruozhi_ui.loss import batch_loss_sum, label_positions
+from ruozhi_ui.cuda.graph_step import bucket_length, pad_step
+from ruozhi_ui.train.loss import batch_loss_sum, label_positions
 
 CFG = TrainConfig(model=ModelConfig(spec="demo"), data=DataConfig(source="sample"), lr=1e-3, probe_prompts=(),
                   run_name="fast")
@@ -46,7 +47,7 @@ def test_a_right_padded_block_without_attention_mask_has_the_loss_of_the_masked_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_steps_match_eager_steps_and_the_loss_falls(tmp_path):
-    from ruozhi_ui.engine import train
+    from ruozhi_ui.train import train
     from ruozhi_ui.events import ListSink, StepLogged
 
     losses = {}
@@ -62,7 +63,7 @@ def test_cuda_graph_steps_match_eager_steps_and_the_loss_falls(tmp_path):
 
 def test_head_chunk_gives_the_cross_entropy_and_its_logit_gradient():
     """The hand-derived softmax - one_hot gradient is autograd's, and ignored targets contribute nothing."""
-    from ruozhi_ui.fastpath import head_chunk_loss_and_dlogits
+    from ruozhi_ui.cuda.head_loss import head_chunk_loss_and_dlogits
 
     torch.manual_seed(0)
     h, weight = torch.randn(10, 8), torch.randn(50, 8)
@@ -79,7 +80,7 @@ def test_head_chunk_gives_the_cross_entropy_and_its_logit_gradient():
 
 
 def test_head_loss_and_grads_chunk_by_chunk_equal_autograd_through_the_head():
-    from ruozhi_ui.fastpath import head_loss_and_grads
+    from ruozhi_ui.cuda.head_loss import head_loss_and_grads
 
     torch.manual_seed(1)
     hidden, weight = torch.randn(11, 8), torch.randn(40, 8)
@@ -96,7 +97,7 @@ def test_head_loss_and_grads_chunk_by_chunk_equal_autograd_through_the_head():
 
 
 def test_long_blocks_split_into_micro_batches_and_label_slots_cover_the_worst_case():
-    from ruozhi_ui.fastpath import LOSS_CHUNK, TOKEN_BUDGET, block_shape
+    from ruozhi_ui.cuda.graph_step import LOSS_CHUNK, TOKEN_BUDGET, block_shape
 
     short = block_shape(rows=12, length=144, min_prompt=20, max_labels_per_row=152)
     long = block_shape(rows=12, length=224, min_prompt=20, max_labels_per_row=152)
@@ -108,12 +109,14 @@ def test_long_blocks_split_into_micro_batches_and_label_slots_cover_the_worst_ca
     assert short.label_slots >= 12 * (144 - 20) and long.label_slots >= 6 * 152
 
 
-def plain_and_graph_steppers(tokenizer, compile_regions: bool):
-    """Two identical fp32 demo models on the CPU: one under EagerStep, one under CudaGraphStep."""
-    from ruozhi_ui import fastpath
-    from ruozhi_ui.engine import EagerStep, plan_epoch
+def plain_and_graph_steppers(tokenizer, compile_regions: bool, fallbacks: list | None = None):
+    """Two identical fp32 demo models on the CPU: one under EagerStep, one under CudaGraphStep. Plain SGD:
+    the claim is about the gradients the steps make (AdamW would turn a 1e-9 difference of a near-zero
+    gradient into a full-size update)."""
+    from ruozhi_ui.cuda.graph_step import CudaGraphStep
     from ruozhi_ui.models import load_model
-    from ruozhi_ui.precision import choose_precision
+    from ruozhi_ui.train.precision import choose_precision
+    from ruozhi_ui.train.step import EagerStep, plan_epoch
 
     cfg = dataclasses.replace(CFG, batch_size=4, max_grad_norm=1.0)
     train_ex = examples(tokenizer, 40)
@@ -122,19 +125,21 @@ def plain_and_graph_steppers(tokenizer, compile_regions: bool):
     for _ in range(2):
         torch.manual_seed(0)
         models.append(load_model("demo", device=torch.device("cpu"), dtype=torch.float32))
-        optimizers.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-3))
+        optimizers.append(torch.optim.SGD(models[-1].parameters(), lr=1e-1))
     plain = EagerStep(models[0], optimizers[0], cfg, choose_precision(cfg, torch.device("cpu")), tokenizer.pad_token_id)
-    graphed = fastpath.CudaGraphStep(models[1], optimizers[1], cfg, tokenizer.pad_token_id, torch.device("cpu"),
-                                     compile_regions=compile_regions)
+    on_fallback = (lambda description, reason: fallbacks.append((description, reason))) if fallbacks is not None \
+        else (lambda description, reason: None)
+    graphed = CudaGraphStep(models[1], optimizers[1], cfg, tokenizer.pad_token_id, torch.device("cpu"),
+                            fast_layers=compile_regions, on_fallback=on_fallback)
     graphed.prepare_epoch(train_ex, batches)
     return plain, graphed, models, train_ex, batches
 
 
 def test_first_step_of_each_block_shape_runs_eagerly_and_equals_the_plain_step(tokenizer, demo_dir, monkeypatch):
     """The graph stepper's padded, split blocks train exactly like the plain step (fp32, CPU: no capture)."""
-    from ruozhi_ui import fastpath
+    from ruozhi_ui.cuda import graph_step
 
-    monkeypatch.setattr(fastpath, "TOKEN_BUDGET", 480)  # the demo's longer blocks split in two
+    monkeypatch.setattr(graph_step, "TOKEN_BUDGET", 480)  # the demo's longer blocks split in two
     plain, graphed, models, train_ex, batches = plain_and_graph_steppers(tokenizer, compile_regions=False)
     firsts, seen = [], set()
     for i, step in enumerate(graphed.plan):
@@ -156,12 +161,13 @@ def test_compiled_layer_forward_is_shared_by_every_layer_and_length_and_only_whi
     """One compile serves all layers and buckets; outside `active()` the plain forward runs (CPU, aot_eager)."""
     from torch._dynamo.utils import counters
 
-    from ruozhi_ui.fastpath import CompiledRegions, use_causal_only_attention
+    from ruozhi_ui.cuda.layers import compiled_layer_forward, compiled_layers, use_causal_only_attention
 
     torch._dynamo.reset()
+    compiled_layer_forward.cache_clear()
     counters.clear()
     use_causal_only_attention(demo_model)
-    regions = CompiledRegions(demo_model, backend="aot_eager")
+    regions = compiled_layers(demo_model, backend="aot_eager")
     for length in (32, 48, 64):
         ids = torch.randint(0, 100, (3, length))
         plain = demo_model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -172,18 +178,21 @@ def test_compiled_layer_forward_is_shared_by_every_layer_and_length_and_only_whi
     assert all("forward" not in vars(layer) for layer in demo_model.model.layers)
 
 
-def test_a_failing_compile_falls_back_to_the_plain_forward_within_the_same_step(tokenizer, demo_dir):
-    plain, graphed, models, train_ex, batches = plain_and_graph_steppers(tokenizer, compile_regions=True)
+def test_a_failing_compile_falls_back_to_the_plain_forward_within_the_same_step_and_says_so(tokenizer, demo_dir):
+    fallbacks = []
+    plain, graphed, models, train_ex, batches = plain_and_graph_steppers(tokenizer, compile_regions=True,
+                                                                          fallbacks=fallbacks)
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("simulated: Failed to find C compiler")
 
-    graphed.regions.compiled_forward = no_compiler
+    graphed.regions.forward = no_compiler
     batch = [train_ex[j] for j in batches[0]]
-    with pytest.warns(UserWarning, match="torch.compile failed"):
-        graph_loss, _ = graphed(0, batch, 1e-3)
+    graph_loss, _ = graphed(0, batch, 1e-3)
     plain_loss, _ = plain(0, batch, 1e-3)
-    assert graphed.regions is None and "not used" in graphed.description
+    assert graphed.regions is None and "not used" in graphed.description and graphed.code == "graphs"
+    assert fallbacks == [("CUDA graphs (torch.compile failed, so not used)",
+                          "torch.compile: RuntimeError: simulated: Failed to find C compiler")]
     assert graph_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-5)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from ruozhi_ui import engine
+from ruozhi_ui.train import checkpointing, loop, step as step_module
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
 from ruozhi_ui.errors import ConfigError
 from ruozhi_ui.events import CheckpointSaved, EvalDone, JobFailed, JobFinished, ListSink, SampleGenerated, StepLogged
@@ -25,7 +25,7 @@ def run(cfg, root, stop_when=None):
         if stop_when and stop_when(event):
             stop.set()
 
-    final = engine.train(cfg, emit=emit, stop_event=stop, runs_root=root)
+    final = loop.train(cfg, emit=emit, stop_event=stop, runs_root=root)
     return final, sink
 
 
@@ -57,12 +57,12 @@ def test_stop_during_validation_skips_that_epochs_probes(tmp_path):
 
 
 def test_nan_loss_fails_with_a_learning_rate_hint(tmp_path, monkeypatch):
-    real = engine.batch_loss_sum
+    real = step_module.batch_loss_sum
 
     def nan_loss(model, batch):
         return real(model, batch) * float("nan")
 
-    monkeypatch.setattr(engine, "batch_loss_sum", nan_loss)
+    monkeypatch.setattr(step_module, "batch_loss_sum", nan_loss)
     final, sink = run(BASE, tmp_path)
     failed = sink.of(JobFailed)[0]
     assert final is None
@@ -79,7 +79,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(engine.torch, "save", full_disk)
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
     _, sink = run(dataclasses.replace(BASE, epochs=3), tmp_path)
     failed = sink.of(JobFailed)[0]
     assert "No space left" in failed.error and "disk" in failed.hint
@@ -93,7 +93,7 @@ def test_unwritable_runs_folder_is_a_clear_config_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="runs folder is writable"):
-        engine.train(BASE, runs_root=blocker)
+        loop.train(BASE, runs_root=blocker)
 
 
 def test_a_new_run_starts_after_a_failed_one(tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_a_new_run_starts_after_a_failed_one(tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     runner = JobRunner(runs_root=tmp_path)
-    monkeypatch.setattr(engine, "batch_loss_sum", broken)
+    monkeypatch.setattr(step_module, "batch_loss_sum", broken)
     runner.start(dataclasses.replace(BASE, max_steps=1))
     assert runner.wait(120) and runner.snapshot().status == "failed"
     monkeypatch.undo()

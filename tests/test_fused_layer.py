@@ -5,7 +5,8 @@ own layer, and its Triton kernels on CUDA against the same Functions' torch path
 import pytest
 import torch
 
-from ruozhi_ui.fused_layer import FusedLayers, build_layer_kernels, fusable, rms_norm, rotary, swiglu_down
+from ruozhi_ui.cuda.layers import fused_layers, use_causal_only_attention
+from ruozhi_ui.cuda.qwen2_layer import build_layer_kernels, fusable, rms_norm, rotary, swiglu_down
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 
@@ -13,7 +14,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kern
 def layer_outputs_and_grads(model, ids, upstream, fused: bool):
     model.zero_grad(set_to_none=True)
     if fused:
-        with FusedLayers(model).active():
+        with fused_layers(model).active():
             out = model.model(input_ids=ids, use_cache=False).last_hidden_state
     else:
         out = model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -22,8 +23,6 @@ def layer_outputs_and_grads(model, ids, upstream, fused: bool):
 
 
 def test_the_fused_layer_gives_transformers_qwen2_outputs_and_gradients(demo_model):
-    from ruozhi_ui.fastpath import use_causal_only_attention
-
     demo_model.train()
     use_causal_only_attention(demo_model)  # right-padded blocks: a causal mask alone, as the engine trains
     ids = torch.randint(0, 100, (3, 40))
@@ -51,7 +50,7 @@ def test_only_plain_causal_qwen2_configs_are_fused(demo_model):
 
 def test_the_warm_up_runs_every_function_at_the_model_s_sizes_forward_and_backward(demo_model, monkeypatch):
     """On CUDA this builds each kernel variant training needs (Triton builds one per block size)."""
-    import ruozhi_ui.fused_layer as fused
+    import ruozhi_ui.cuda.qwen2_layer as fused
 
     rotated, products = [], []
     real_rotate, real_swiglu = fused._rotate, fused._swiglu

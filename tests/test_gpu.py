@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
-from ruozhi_ui.engine import train
+from ruozhi_ui.train import train
 from ruozhi_ui.events import ListSink, RunStarted, StepLogged
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,13 +46,14 @@ def test_cuda_graph_and_eager_cuda_steps_learn_alike(tmp_path):
 @pytest.mark.parametrize("layers", ["fused Triton layer kernels", "torch.compile"])
 def test_fused_or_compiled_and_plain_graph_steps_learn_alike(tmp_path, monkeypatch, layers):
     """The demo model is a Qwen2, so it gets the fused layers; without them (another architecture) torch.compile."""
-    from ruozhi_ui import fastpath
+    from ruozhi_ui.cuda import graph_step, qwen2_layer, warm_up
 
     if layers == "torch.compile":
-        monkeypatch.setattr(fastpath, "fusable", lambda config: False)
+        monkeypatch.setattr(graph_step, "fusable", lambda config: False)
+        monkeypatch.setattr(qwen2_layer, "fusable", lambda config: False)
     fast, sink = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20), tmp_path / "auto")
-    assert {"kernels", "layers"} <= set(fastpath.warm_up_seconds)  # the warm-up built (or imported) all it should
-    plain, _ = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20, torch_compile="off"), tmp_path / "off")
+    assert {"kernels", "layers"} <= set(warm_up.warm_up_seconds)  # the warm-up built (or imported) all it should
+    plain, _ = step_losses(dataclasses.replace(CFG, device="cuda", max_steps=20, fast_layers="off"), tmp_path / "off")
     assert layers in sink.of(RunStarted)[0].precision
     assert fast[0] == pytest.approx(plain[0], rel=1e-2)
     assert fast[-1] == pytest.approx(plain[-1], rel=5e-2)
@@ -80,18 +81,18 @@ def test_app_jobs_train_on_cuda_in_their_thread_twice_with_background_epoch_chec
 def test_the_flat_optimizer_state_loaded_into_a_new_optimizer_gives_the_same_next_update():
     import copy
 
-    from ruozhi_ui.fastpath import FlatAdamWBF16
+    from ruozhi_ui.train.precision import AdamWBF16
 
     torch.manual_seed(0)
     first = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16)) for n in (1000, 37, 4096)]
     grads = [[torch.randn_like(p) for p in first] for _ in range(4)]
-    optimizer = FlatAdamWBF16(first, lr=1e-3)
+    optimizer = AdamWBF16(first, lr=1e-3, fused_kernel=True)
     for step_grads in grads[:3]:
         for p, g in zip(first, step_grads):
             p.grad.copy_(g)
         optimizer.step()
     second = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    resumed = FlatAdamWBF16(second, lr=1e-3)
+    resumed = AdamWBF16(second, lr=1e-3, fused_kernel=True)
     resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     for opt, params in ((optimizer, first), (resumed, second)):
         for p, g in zip(params, grads[3]):
@@ -114,7 +115,7 @@ def test_a_stopped_cuda_run_resumes_on_the_uninterrupted_loss_curve(tmp_path):
             stop.set()
 
     stopped_at = train(cfg, emit=stop_mid_second_epoch, stop_event=stop, runs_root=tmp_path / "parts")
-    rest, _ = step_losses(dataclasses.replace(cfg, resume_from=str(stopped_at)), tmp_path / "parts")
+    rest, _ = step_losses(dataclasses.replace(cfg, resume_from=str(stopped_at), run_name="rest"), tmp_path / "parts")
     got = [e.loss for e in first.of(StepLogged)] + rest
     assert len(first.of(StepLogged)) == len(whole) // 2 + 1 and len(got) == len(whole)
     assert got == pytest.approx(whole, rel=2e-2)
@@ -123,7 +124,7 @@ def test_a_stopped_cuda_run_resumes_on_the_uninterrupted_loss_curve(tmp_path):
 def test_the_triton_head_kernel_gives_the_torch_head_chunk_loss_and_gradient():
     """Same cross-entropy and scale * (softmax - one_hot) as the plain-torch chunk, ignored targets zeroed."""
     from ruozhi_ui.encoding import IGNORE_INDEX
-    from ruozhi_ui.fastpath import fused_head_chunk, head_chunk_loss_and_dlogits
+    from ruozhi_ui.cuda.head_loss import fused_head_chunk, head_chunk_loss_and_dlogits
 
     torch.manual_seed(0)
     for vocab in (151936, 1003):  # Qwen2.5's (a multiple of 16) and an odd one

@@ -22,7 +22,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app as app_module
-from ruozhi_ui import data, engine
+from ruozhi_ui import data
+from ruozhi_ui.train import step as step_module
 from ruozhi_ui import generation as g
 from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig, save_config
 from browser_helpers import free_port
@@ -456,7 +457,7 @@ def test_a_crash_in_the_engine_shows_failed_and_the_next_start_is_accepted(serve
     def crash(model, batch):
         raise RuntimeError("simulated crash inside a training step")
 
-    monkeypatch.setattr(engine, "batch_loss_sum", crash)
+    monkeypatch.setattr(step_module, "batch_loss_sum", crash)
     client.predict(*api_args(client, "/start_training", run_name="crash"), api_name="/start_training")
     failed = poll_until(client, lambda s: not s["active"])
     assert failed["status"] == "failed"

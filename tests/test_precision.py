@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from ruozhi_ui.precision import AdamWBF16
+from ruozhi_ui.train.precision import AdamWBF16
 
 
 def test_adamw_bf16_state_loaded_into_a_new_optimizer_keeps_fp32_moments_and_gives_the_same_next_update():

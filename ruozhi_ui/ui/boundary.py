@@ -149,8 +149,10 @@ def session_of(request) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
-def show_errors_beside(ctx, event, slot) -> None:
-    """An event's error (after its toast) stays as a line in `slot`; its success clears the line."""
+def show_errors_beside(ctx, event, slot, clear_on_success: bool = True) -> None:
+    """An event's error (after its toast) stays as a line in `slot`; its success clears the line (unless the
+    slot also shows the event's own result)."""
     private = dict(api_visibility="private", queue=False, show_progress="hidden")
     event.failure(bind(show_last_error, ctx), None, [slot], **private)
-    event.success(lambda: "", None, [slot], **private)
+    if clear_on_success:
+        event.success(lambda: "", None, [slot], **private)

@@ -241,12 +241,17 @@ def empty_stats_table(lang: str) -> dict:
     return {"headers": [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")], "data": []}
 
 
+def _checked(ctx: AppContext, key, system_prompt, max_source_length, max_target_length):
+    """The loaded data, after the policy has passed the form values that measure it."""
+    loaded = _loaded(ctx, key)
+    ctx.policy.check_train_lengths(max_source_length, max_target_length)
+    return loaded, ctx.policy.check_text(system_prompt, "system_prompt", multiline=True)
+
+
 @user_errors()
 def on_stats(ctx: AppContext, key, split, system_prompt, max_source_length, max_target_length, lang,
              request: gr.Request = None):
-    loaded = _loaded(ctx, key)
-    ctx.policy.check_train_lengths(max_source_length, max_target_length)
-    system_prompt = ctx.policy.check_text(system_prompt, "system_prompt", multiline=True)
+    loaded, system_prompt = _checked(ctx, key, system_prompt, max_source_length, max_target_length)
     stats = data_stats(ctx, loaded, max_source_length, max_target_length,
                        split if split in STATS_SPLITS else "all", system_prompt)
     fig = plots.length_histograms(stats, int(max_source_length), int(max_target_length), lang)
@@ -291,9 +296,7 @@ def inspector_tokens(segments, lang: str) -> gr.HighlightedText:
 @user_errors()
 def on_inspect(ctx: AppContext, key, index, system_prompt, max_source_length, max_target_length, lang,
                request: gr.Request = None):
-    loaded = _loaded(ctx, key)
-    ctx.policy.check_train_lengths(max_source_length, max_target_length)
-    system_prompt = ctx.policy.check_text(system_prompt, "system_prompt", multiline=True)
+    loaded, system_prompt = _checked(ctx, key, system_prompt, max_source_length, max_target_length)
     try:
         index = int(index or 0)
     except (TypeError, ValueError, OverflowError):

@@ -24,7 +24,7 @@ from ..config import ModelConfig, TrainConfig, validate
 from ..errors import ConfigError
 from ..i18n import t
 from ..jobs import JobSnapshot
-from .boundary import bind, md_code, md_text, user_errors
+from .boundary import bind, md_code, md_text, show_errors_beside, user_errors
 from .context import AppContext
 from .texts import T
 
@@ -85,9 +85,13 @@ def _fmt_count(n: int) -> str:
 def preflight_markdown(cfg: TrainConfig, n_train: int, lang: str, check_config=None) -> str:
     from ..preflight import estimate
 
+    import torch
+
     est = estimate(cfg, n_train, check_config)
     steps = str(est.num_steps) if est.num_steps is not None else t("train.steps_unknown", lang)
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
     return t("train.estimate", lang, trained=_fmt_count(est.params_trained), total=_fmt_count(est.params_total),
+             memory=t("train.memory_gpu" if on_gpu else "train.memory_cpu", lang),
              share=est.params_trained / max(1, est.params_total), steps=steps, mem=est.memory_gib,
              weights=est.weights_gib, optim=est.optimizer_gib, act=est.activations_gib)
 
@@ -104,6 +108,8 @@ def progress_html(snap: JobSnapshot, lang: str, now: float | None = None) -> str
     step = last.step if last else 0
     fraction = 1.0 if snap.status == "finished" else (step / num_steps if num_steps else 0.0)
     parts = [t(f"train.status_{snap.status}", lang)]
+    if snap.active and snap.phase:
+        parts[0] = t(f"train.phase_{snap.phase}", lang)
     if num_steps:
         parts.append(t("train.progress_step", lang, step=step, num_steps=num_steps))
     epochs = snap.config.get("epochs")
@@ -114,14 +120,26 @@ def progress_html(snap: JobSnapshot, lang: str, now: float | None = None) -> str
         parts.append(t("train.progress_elapsed", lang, elapsed=_hms(end - snap.started_at)))
     if last and snap.active:
         parts.append(t("train.progress_eta", lang, eta=_hms(last.eta_s)))
+    on_gpu = bool(snap.started) and snap.started.device.startswith("cuda")
     if last:
-        parts.append(t("train.progress_speed", lang, tok_per_s=last.tok_per_s, mem=last.mem_gib))
+        parts.append(t("train.progress_speed_gpu" if on_gpu else "train.progress_speed_cpu", lang,
+                       tok_per_s=last.tok_per_s, mem=last.mem_gib))
     if snap.started:
-        parts.append(html.escape(f"{snap.started.device} · {snap.started.precision}"))
+        parts.append(html.escape(how_it_computes(snap.started, lang)))
     meta = " · ".join(parts)
     return (f'<div class="rz-progress" data-status="{snap.status}" data-step="{step}" data-num-steps="{num_steps}">'
             f'<div class="rz-bar"><div class="rz-fill rz-{snap.status}" style="width:{fraction * 100:.1f}%"></div></div>'
             f'<div class="rz-meta">{meta}</div></div>')
+
+
+def how_it_computes(started, lang: str) -> str:
+    """The device and the precision in plain words ("fp32; eager steps" meant little to anyone)."""
+    words = [started.device]
+    if started.precision_code:
+        words.append(t(f"train.precision_{started.precision_code}", lang))
+    if started.steps_code:
+        words.append(t(f"train.steps_{started.steps_code.replace('+', '_')}", lang))
+    return " · ".join(words) if len(words) > 1 else f"{started.device} · {started.precision}"
 
 
 PROBE_PREVIEW_CHARS = 40  # a cell shows this much of an answer; a click opens the rest
@@ -156,8 +174,10 @@ def checkpoints_markdown(snap: JobSnapshot, lang: str, show_path=str) -> str:
         return t("train.checkpoints_none", lang)
     per_epoch = snap.started.steps_per_epoch if snap.started else 0
     epoch_of = lambda step: -(-step // per_epoch) if per_epoch else step  # 1-based, as the probes count
+    on_disk = bool(snap.run_dir) and Path(snap.run_dir).is_dir()
+    kept = [c for c in snap.checkpoints if not on_disk or Path(c.path).exists()]  # keep_checkpoints pruned the rest
     lines = [t("train.checkpoint_line", lang, epoch=epoch_of(c.step), step=c.step, path=md_code(show_path(c.path)))
-             + (" — " + t("train.checkpoint_final", lang) if c.final else "") for c in snap.checkpoints]
+             + (" — " + t("train.checkpoint_final", lang) if c.final else "") for c in kept]
     if snap.run_dir:
         lines.append("\n" + t("train.run_dir", lang, path=md_code(show_path(snap.run_dir))))
     return "\n".join(f"- {line}" if not line.startswith("\n") else line for line in lines)
@@ -260,16 +280,17 @@ def on_tick(ctx: AppContext, last_version, lang, token=None, request: gr.Request
     visitor, snap, show, redact = visitor_view(ctx, token, request)
     timer = gr.Timer(active=snap.active)
     if snap.version == last_version:
-        return (gr.skip(),) * 7 + (timer,)
+        return (gr.skip(),) * 8 + (timer,)
+    action = gr.skip() if snap.active else ""  # "Started"/"Stop requested" end with the run
     return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), finished_final(snap, visitor),
-            timer)
+            action, timer)
 
 
 def on_refresh(ctx: AppContext, lang, token=None, request: gr.Request = None):
     """Page load and language switch: always push the visitor's current snapshot (and start the timer
     when their job runs)."""
     visitor, snap, show, redact = visitor_view(ctx, token, request)
-    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), gr.skip(),
+    return (snap.version, *render_status(snap, lang, show_path=show, redact=redact), gr.skip(), gr.skip(),
             gr.Timer(active=snap.active))
 
 
@@ -314,7 +335,7 @@ class TrainHandles:
     @property
     def live_outputs(self) -> list:
         return [self.last_version, self.loss_chart, self.progress, self.probes, self.checkpoints, self.error,
-                self.finished, self.timer]
+                self.finished, self.action_status, self.timer]
 
 
 def by_name(fn, named: dict):
@@ -397,15 +418,19 @@ def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Gro
     named = dict(model_spec=ctx.model_spec, trust_remote_code=ctx.trust_remote_code, data_source=ctx.data_source,
                  lang=ctx.lang, token=ctx.visitor, **h.form)
     method.change(on_method, [method], [lora_group], **private)
-    h.start_button.click(bind(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None, **private).success(
-        by_name(bind(on_start, ctx), named), set(named.values()), [h.action_status], api_name="start_training"
-    ).success(lambda: gr.Timer(active=True), None, [h.timer], **private)
+    fetched = h.start_button.click(bind(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None,
+                                   show_progress_on=[h.action_status], **private)
+    started = fetched.success(by_name(bind(on_start, ctx), named), set(named.values()), [h.action_status],
+                              api_name="start_training")
+    started.success(lambda: gr.Timer(active=True), None, [h.timer], **private)
     h.stop_button.click(bind(on_stop, ctx), [ctx.lang, ctx.visitor], [h.action_status], api_name="stop_training")
     estimate_named = dict(named, n_train=n_train)
     estimate_io = dict(fn=by_name(bind(on_estimate, ctx), estimate_named), inputs=set(estimate_named.values()),
-                       outputs=[h.estimate])
-    h.estimate_button.click(**estimate_io, api_name="estimate")
-    n_train.change(**estimate_io, **private)
+                       outputs=[h.estimate], show_progress_on=[h.estimate])
+    estimated = [h.estimate_button.click(**estimate_io, api_name="estimate"), n_train.change(**estimate_io, **private)]
+    show_errors_beside(ctx, fetched, h.action_status)
+    for event in (started, *estimated):  # Start writes its own line; an estimate leaves it as it was
+        show_errors_beside(ctx, event, h.action_status, clear_on_success=False)
     h.timer.tick(bind(on_tick, ctx), [h.last_version, ctx.lang, ctx.visitor], h.live_outputs, **private,
                  show_progress="hidden")
     ctx.lang.change(bind(on_refresh, ctx), [ctx.lang, ctx.visitor], h.live_outputs, **private)

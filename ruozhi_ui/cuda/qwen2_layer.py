@@ -14,22 +14,14 @@ in about two seconds, on the warm-up thread:
     gradients (the product is the layer's largest activation).
 q, k and v are one GEMM. The matrix products and attention stay PyTorch's (cuBLAS,
 flash attention). Off CUDA the same Functions run plain torch, which is what the
-CPU tests check the layer's wiring with. `FusedLayers.active()` swaps the layers'
-forward in, as `fastpath.CompiledRegions` does for the compiled one.
+CPU tests check the layer's wiring with. The kernels live in `cuda/kernels/`, imported only
+when a tensor is on CUDA; `cuda/layers.py` swaps this forward in for every layer.
 """
 
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
-
-from .loss import decoder_and_head
-
-NORM_ROWS_PER_PROGRAM = 16  # rows whose weight gradient one backward program sums (unrolled)
-POINTWISE_BLOCK = 1024
 
 
 def fusable(config) -> bool:
@@ -38,24 +30,6 @@ def fusable(config) -> bool:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return (config.model_type == "qwen2" and config.hidden_act == "silu" and not config.attention_dropout
             and set(layer_types) == {"full_attention"} and head_dim % 2 == 0)
-
-
-class FusedLayers:
-    """Every decoder layer runs `fused_layer_forward` inside `active()`; outside it, the plain forward."""
-
-    def __init__(self, model):
-        decoder, _ = decoder_and_head(model)
-        self.layers = list(decoder.layers)
-
-    @contextmanager
-    def active(self):
-        for layer in self.layers:
-            layer.forward = functools.partial(fused_layer_forward, layer)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                del layer.forward
 
 
 def fused_layer_forward(layer, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
@@ -91,9 +65,9 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         x2 = x.reshape(-1, x.shape[-1])
         if x.is_cuda:
-            y, rstd = torch.empty_like(x2), torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-            _kernels().rms_norm_fwd[(x2.shape[0],)](x2, weight, y, rstd, x2.shape[1], eps,
-                                                    BLOCK=_pow2(x2.shape[1]))
+            from .kernels import rms_norm as kernel
+
+            y, rstd = kernel.forward(x2, weight, eps)
         else:
             rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
             y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
@@ -104,14 +78,10 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape).contiguous()
-        rows, cols = x2.shape
         if dy.is_cuda:
-            dx = torch.empty_like(x2)
-            programs = -(-rows // NORM_ROWS_PER_PROGRAM)
-            dw_parts = torch.empty((programs, cols), dtype=torch.float32, device=dy.device)
-            _kernels().rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_parts, rows, cols,
-                                                 ROWS=NORM_ROWS_PER_PROGRAM, BLOCK=_pow2(cols))
-            dw = dw_parts.sum(0)
+            from .kernels import rms_norm as kernel
+
+            dx, dw = kernel.backward(dy2, x2, weight, rstd)
         else:
             xhat = x2.float() * rstd[:, None]
             dxhat = dy2.float() * weight.float()
@@ -130,13 +100,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     """x (rows, length, heads, head_dim) rotated by `sign` times each position's angle (cos, sin: (length,
     head_dim)); x may be a slice of a wider row (q out of qkv), the result is contiguous."""
     if x.is_cuda:
-        rows, length, heads, dim = x.shape
-        if x.stride(3) != 1 or x.stride(2) != dim or x.stride(0) != length * x.stride(1):
-            x = x.contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _kernels().rotary[(rows * length,)](x, cos, sin, out, x.stride(1), length, heads, sign, HALF=dim // 2,
-                                            BLOCK_H=_pow2(heads), BLOCK_D=_pow2(dim // 2))
-        return out
+        from .kernels import rotary as kernel
+
+        return kernel.rotate(x, cos, sin, sign)
     c, s = cos[:, None, :].to(x.dtype), sign * sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * c + torch.cat((-x2, x1), dim=-1) * s
@@ -162,10 +128,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 # ---- SwiGLU and down_proj ------------------------------------------------------------------
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.is_cuda:
-        out = torch.empty_like(gate)
-        n = gate.numel()
-        _kernels().swiglu_fwd[(-(-n // POINTWISE_BLOCK),)](gate, up, out, n, BLOCK=POINTWISE_BLOCK)
-        return out
+        from .kernels import swiglu as kernel
+
+        return kernel.forward(gate, up)
     return F.silu(gate) * up
 
 
@@ -180,10 +145,9 @@ class _SwiGLUDown(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         d_product = d_out.matmul(weight).contiguous()
         if gate.is_cuda:  # one pass: both input gradients and the recomputed product
-            d_gate, d_up, product = torch.empty_like(gate), torch.empty_like(up), torch.empty_like(gate)
-            n = gate.numel()
-            _kernels().swiglu_bwd[(-(-n // POINTWISE_BLOCK),)](d_product, gate, up, d_gate, d_up, product, n,
-                                                               BLOCK=POINTWISE_BLOCK)
+            from .kernels import swiglu as kernel
+
+            d_gate, d_up, product = kernel.backward(d_product, gate, up)
         else:
             product = _swiglu(gate, up)
             s = torch.sigmoid(gate.float())
@@ -196,11 +160,6 @@ class _SwiGLUDown(torch.autograd.Function):
 def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Qwen2MLP after its two input projections: down_proj(silu(gate) * up)."""
     return _SwiGLUDown.apply(gate.contiguous(), up.contiguous(), weight)
-
-
-# ---- the Triton kernels ------------------------------------------------------------------------
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def build_layer_kernels(device: torch.device, dtype: torch.dtype, config) -> None:
@@ -218,96 +177,3 @@ def build_layer_kernels(device: torch.device, dtype: torch.dtype, config) -> Non
     outputs = (rms_norm(x, w, 1e-6), rotary(qkv[:, :, :heads], cos, sin),
                rotary(qkv[:, :, heads:heads + kv_heads], cos, sin), swiglu_down(gate, up, down))
     torch.autograd.backward([o.sum() for o in outputs])
-
-
-_KERNELS: list = []
-
-
-def _kernels():
-    """Defined on first use; Triton compiles each on its first launch and caches the binary on disk."""
-    if _KERNELS:
-        return _KERNELS[0]
-    import types
-
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["eps"])
-    def rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64) * cols
-        offs = tl.arange(0, BLOCK)
-        mask = offs < cols
-        x = tl.load(x_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / cols + eps)
-        tl.store(rstd_ptr + tl.program_id(0), rstd)
-        xhat = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # rounded as Qwen2RMSNorm rounds it
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row + offs, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit(do_not_specialize=["rows"])
-    def rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, cols, ROWS: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        mask = offs < cols
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK,), tl.float32)
-        for i in tl.static_range(ROWS):
-            r = tl.program_id(0) * ROWS + i
-            ok = r < rows
-            base = r.to(tl.int64) * cols
-            x = tl.load(x_ptr + base + offs, mask=mask & ok, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + base + offs, mask=mask & ok, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + r, mask=ok, other=0.0)
-            xhat = x * rstd
-            dxhat = dy * w
-            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, 0) / cols))
-            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask & ok)
-            dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(dw_ptr + tl.program_id(0) * cols + offs, dw, mask=mask)
-
-    @triton.jit(do_not_specialize=["length", "sign"])
-    def rotary(x_ptr, cos_ptr, sin_ptr, out_ptr, x_token_stride, length, heads, sign, HALF: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One token: every head's (x1, x2) halves -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-        token = tl.program_id(0)
-        pos = token % length
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (h < heads) & (d < HALF)
-        within = h * 2 * HALF + d
-        src = token.to(tl.int64) * x_token_stride + within
-        dst = token.to(tl.int64) * heads * 2 * HALF + within
-        c = tl.load(cos_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-        s = sign * tl.load(sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + dst + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
-
-    # n (rows x length x intermediate) is left specialised: a multiple of 16, which lets the loads vectorise
-    @triton.jit
-    def swiglu_fwd(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        silu = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.silu's output is
-        tl.store(out_ptr + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def swiglu_bwd(dp_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, p_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        dp = tl.load(dp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        tl.store(du_ptr + offs, (dp * silu).to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + offs, (dp * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
-        silu = silu.to(p_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(p_ptr + offs, (silu * u).to(p_ptr.dtype.element_ty), mask=mask)
-
-    _KERNELS.append(types.SimpleNamespace(rms_norm_fwd=rms_norm_fwd, rms_norm_bwd=rms_norm_bwd, rotary=rotary,
-                                          swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd))
-    return _KERNELS[0]

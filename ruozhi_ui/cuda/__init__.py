@@ -1,0 +1,4 @@
+"""CUDA-only speed code for the training step: captured CUDA graphs, fused Qwen2 layers, the LM-head loss,
+Triton kernels (`kernels/`) and their warm-up. Imported only when a run is on a CUDA device; the CPU
+path (`train/`) never needs it.
+"""
