@@ -101,6 +101,32 @@ def build_train_config(args: argparse.Namespace, run_name: str | None = None):
     return validate(cfg)
 
 
+def resume_config(args: argparse.Namespace, run_name: str | None):
+    """`--resume CKPT`: the checkpoint's own settings, continued into a new run folder (`--output`, or
+    `<run>-cont`). Flags that would change what the checkpoint was trained with are refused, all named in
+    one line; only how long and where it runs may change."""
+    from .config import DataConfig, ModelConfig, TrainConfig, load_config, validate
+    from .train.run import RESUMABLE_OVERRIDES
+
+    path = Path(args.resume_from)
+    if not (path / "run_config.json").is_file():
+        raise ConfigError(f"--resume: '{path}' is not a checkpoint of a run (no run_config.json)")
+    saved = load_config(path / "run_config.json")
+    conflicts = [f"--{name.replace('_', '-')}" for name, value in
+                 [*_given(args, TrainConfig).items(), *_given(args, ModelConfig).items(),
+                  *_given(args, DataConfig, exclude=_NOT_DATA).items()]
+                 if name not in RESUMABLE_OVERRIDES + ("resume_from",)
+                 and value != getattr(saved.model if name in ("spec", "trust_remote_code") else
+                                      saved.data if name in {f.name for f in dataclasses.fields(DataConfig)} else saved,
+                                      name)]
+    if conflicts:
+        raise ConfigError(f"--resume continues the checkpoint with its own settings; these flags would change them: "
+                          f"{', '.join(sorted(conflicts))} (leave them out, or start a new run)")
+    overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in RESUMABLE_OVERRIDES}
+    name = run_name or f"{path.parent.parent.name}-cont"
+    return validate(dataclasses.replace(saved, resume_from=str(path), run_name=name, **overrides))
+
+
 def split_output(output: str | None, default_root: Path) -> tuple[Path, str | None]:
     """`--output name` -> (runs root, name); `--output some/dir/name` -> (some/dir, name)."""
     if not output:
@@ -196,7 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     root, run_name = split_output(args.output, runs_root())
     # The person at the shell is the machine's operator: local mode, with the operator's limits.
     policy = policy_from_env(root, mode="local")
-    cfg = policy.check_train_config(build_train_config(args, run_name), policy.visitor())
+    cfg = resume_config(args, run_name) if args.resume_from else build_train_config(args, run_name)
+    cfg = policy.check_train_config(cfg, policy.visitor())
     # The engine loads the tokenizer and the data before the model and raises a
     # RuozhiError for a bad path or spec, so those fail in seconds, as one line (main).
     from .train import train

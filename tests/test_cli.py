@@ -115,3 +115,22 @@ def test_train_two_steps_writes_final_checkpoint(demo_dir, tmp_path, capsys):
     assert (out / "checkpoints" / "final").is_dir()
     assert Path(captured.out.strip().splitlines()[-1]) == out / "checkpoints" / "final"
     assert "step 2/" in captured.err
+
+
+def test_resume_continues_into_a_new_run_folder_and_refuses_conflicting_flags(tmp_path, capsys, demo_dir):
+    root = tmp_path / "runs"
+    common = ["--data", "sample", "--model", "demo", "--device", "cpu", "--max-steps", "2"]
+    assert cli.main(["train", *common, "--output", str(root / "t")]) == 0
+    final = root / "t" / "checkpoints" / "final"
+    before = (root / "t" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(final), "--lr", "0.5", "--method", "lora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --resume continues the checkpoint with its own settings; these flags would change them: "
+                   "--lr, --method (leave them out, or start a new run)"]
+    assert cli.main(["train", "--resume", str(final), "--data", "sample", "--max-steps", "4",
+                     "--output", str(root / "more")]) == 0
+    assert (root / "t" / "metrics.jsonl").read_text() == before  # the original run is untouched
+    steps = [json.loads(line)["step"] for line in (root / "more" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "StepLogged"]
+    assert steps == [3, 4]  # each step once, continuing the numbering
