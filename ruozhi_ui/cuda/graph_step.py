@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 
 from ..encoding import IGNORE_INDEX
-from ..train.precision import set_lr
+from ..train.precision import set_lr, triton_available
 from .head_loss import LOSS_CHUNK, fused_head_chunk, head_chunk_loss_and_dlogits, step_loss_and_backward
-from .layers import compiled_layers, fused_layers, triton_available, use_causal_only_attention
+from .layers import compiled_layers, fused_layers, use_causal_only_attention
 from .qwen2_layer import fusable
 from .warm_up import wait_for_warm_up
 

@@ -32,15 +32,6 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
 
 
-def triton_available() -> bool:
-    """The fused kernels and torch.compile's GPU backend are Triton; without it they stay off."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_causal_only_attention(model) -> None:
     """Run attention with a causal mask alone, so PyTorch's SDPA can take its flash kernel.
 
