@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ruozhi_ui.cuda.layers import fused_layers, use_causal_only_attention
-from ruozhi_ui.cuda.qwen2_layer import build_layer_kernels, fusable, rms_norm, rotary, swiglu_down
+from ruozhi_ui.cuda.qwen2_layer import build_layer_kernels, fusable, rms_norm, rotate_qk, swiglu_down
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
 
@@ -66,31 +66,34 @@ def test_the_warm_up_runs_every_function_at_the_model_s_sizes_forward_and_backwa
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_triton_kernels_give_the_torch_path_results_forward_and_backward(dtype):
-    """Each Function on CUDA (Triton) against the same Function on the CPU (torch), with odd sizes."""
+def test_the_cuda_kernels_give_the_torch_path_results_forward_and_backward(dtype):
+    """Each operation on CUDA (Liger's RMSNorm and RoPE, our SwiGLU) against the same one on the CPU (torch),
+    with odd sizes."""
     torch.manual_seed(0)
     rows, length, hidden, heads, head_dim, inter = 3, 37, 200, 5, 24, 333
     cpu = {
         "x": torch.randn(rows, length, hidden), "w": torch.rand(hidden) + 0.5,
-        "q": torch.randn(rows, length, heads, head_dim),
+        "q": torch.randn(rows, length, heads, head_dim), "k": torch.randn(rows, length, 2, head_dim),
         "gate": torch.randn(rows, length, inter), "up": torch.randn(rows, length, inter),
         "down": torch.randn(hidden, inter) / inter ** 0.5,
     }
     angles = torch.arange(length)[:, None] * torch.rand(head_dim // 2)[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos(), emb.sin()
-    g_norm, g_rot, g_mlp = torch.randn(rows, length, hidden), torch.randn(rows, length, heads, head_dim), torch.randn(rows, length, hidden)
+    g_norm, g_mlp = torch.randn(rows, length, hidden), torch.randn(rows, length, hidden)
+    g_q, g_k = torch.randn(rows, heads, length, head_dim), torch.randn(rows, 2, length, head_dim)
 
     def run(device):
         t = {k: v.to(device, dtype).requires_grad_() for k, v in cpu.items()}
-        c, s = cos.to(device, dtype), sin.to(device, dtype)
+        c, s = cos[None].to(device, dtype), sin[None].to(device, dtype)
         wide = torch.cat((t["q"], t["q"]), dim=2)  # q as a slice of a wider row, as it comes out of qkv
-        outs = (rms_norm(t["x"], t["w"], 1e-6), rotary(wide[:, :, heads:], c, s), swiglu_down(t["gate"], t["up"], t["down"]))
-        for out, g in zip(outs, (g_norm, g_rot, g_mlp)):
+        q, k = rotate_qk(wide[:, :, heads:], t["k"], c, s)
+        outs = (rms_norm(t["x"], t["w"], 1e-6), q, k, swiglu_down(t["gate"], t["up"], t["down"]))
+        for out, g in zip(outs, (g_norm, g_q, g_k, g_mlp)):
             out.backward(g.to(device, dtype))
         return [o.detach().float().cpu() for o in outs] + [t[k].grad.float().cpu() for k in cpu]
 
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    for name, got, want in zip(["norm", "rotary", "mlp", *cpu], run("cuda"), run("cpu")):
+    for name, got, want in zip(["norm", "rotary q", "rotary k", "mlp", *cpu], run("cuda"), run("cpu")):
         scale = want.abs().max().item()
         assert torch.allclose(got / scale, want / scale, **tol), name

@@ -2,20 +2,19 @@
 
 Eagerly, a Qwen2 layer's RMSNorms, rotary embedding and SwiGLU are dozens of small
 kernels a layer (forward and backward); torch.compile fuses them, but compiling
-costs ~10 s of every cold start, a third of a whole 3-epoch run here. These
-autograd Functions do the same fusions by hand, with Triton kernels that build
-in about two seconds, on the warm-up thread:
-  - `rms_norm`: one kernel forward, one backward (the weight gradient as per-program
-    partial sums, then one sum);
-  - `rotary`: one kernel for q and one for k, forward and backward (the backward is
-    the same rotation by the opposite angle);
-  - `swiglu_down`: down_proj(silu(gate) * up), which keeps only gate and up for the
-    backward and recomputes the product there, in the pass that computes their
-    gradients (the product is the layer's largest activation).
+costs ~10 s of every cold start, a third of a whole 3-epoch run here. On CUDA this
+layer uses fused kernels that build in seconds, on the warm-up thread:
+  - RMSNorm and rotary embedding: Liger-Kernel's (`LigerRMSNormFunction` in Llama's
+    casting mode, which is Qwen2RMSNorm's; `LigerRopeFunction` on q and k together).
+    Measured inside our captured step they are as fast as the kernels we had written
+    (19.19 and 19.33 ms a step against 19.19; benchmarks/RESULTS.md), so ours are gone;
+  - `swiglu_down`: down_proj(silu(gate) * up), our Triton kernel
+    (`kernels/swiglu.py`), which keeps only gate and up for the backward and recomputes
+    the product there (the layer's largest activation): Liger's keeps 0.42 GiB more.
 q, k and v are one GEMM. The matrix products and attention stay PyTorch's (cuBLAS,
-flash attention). Off CUDA the same Functions run plain torch, which is what the
-CPU tests check the layer's wiring with. The kernels live in `cuda/kernels/`, imported only
-when a tensor is on CUDA; `cuda/layers.py` swaps this forward in for every layer.
+flash attention). Off CUDA the same operations run as plain-torch Functions, which is
+what the CPU tests check the layer's wiring with; GPU tests compare the two.
+`cuda/layers.py` swaps this forward in for every layer.
 """
 
 from __future__ import annotations
@@ -51,9 +50,8 @@ def fused_layer_forward(layer, hidden_states, attention_mask=None, position_ids=
     qkv = F.linear(h, torch.cat([m.weight for m in projections]),
                    torch.cat([m.bias for m in projections]) if has_bias else None)
     q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.split([m.out_features for m in projections], -1))
-    q, k = rotary(q, cos[0], sin[0]), rotary(k, cos[0], sin[0])
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       scale=attn.scaling, enable_gqa=True)
+    q, k = rotate_qk(q, k, cos, sin)  # (rows, heads, length, head_dim)
+    o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=attn.scaling, enable_gqa=True)
     x = hidden_states + F.linear(o.transpose(1, 2).reshape(rows, length, -1), attn.o_proj.weight, attn.o_proj.bias)
     h = rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
     return x + swiglu_down(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight)
@@ -64,13 +62,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x2 = x.reshape(-1, x.shape[-1])
-        if x.is_cuda:
-            from .kernels import rms_norm as kernel
-
-            y, rstd = kernel.forward(x2, weight, eps)
-        else:
-            rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
-            y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
+        rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
+        y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view_as(x)
 
@@ -78,20 +71,19 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape).contiguous()
-        if dy.is_cuda:
-            from .kernels import rms_norm as kernel
-
-            dx, dw = kernel.backward(dy2, x2, weight, rstd)
-        else:
-            xhat = x2.float() * rstd[:, None]
-            dxhat = dy2.float() * weight.float()
-            dx = rstd[:, None] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-            dw = (dy2.float() * xhat.to(x2.dtype).float()).sum(0)
+        xhat = x2.float() * rstd[:, None]
+        dxhat = dy2.float() * weight.float()
+        dx = rstd[:, None] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        dw = (dy2.float() * xhat.to(x2.dtype).float()).sum(0)
         return dx.to(x2.dtype).view(dy.shape), dw.to(weight.dtype), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen2RMSNorm: weight * (x / rms(x)), the statistics in fp32."""
+    """Qwen2RMSNorm: weight * (x / rms(x)), the statistics in fp32 (Liger's kernel on CUDA)."""
+    if x.is_cuda:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return LigerRMSNormFunction.apply(x.contiguous(), weight, eps, 0.0, "llama", False)
     return _RMSNorm.apply(x.contiguous(), weight, eps)
 
 
@@ -99,10 +91,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """x (rows, length, heads, head_dim) rotated by `sign` times each position's angle (cos, sin: (length,
     head_dim)); x may be a slice of a wider row (q out of qkv), the result is contiguous."""
-    if x.is_cuda:
-        from .kernels import rotary as kernel
-
-        return kernel.rotate(x, cos, sin, sign)
     c, s = cos[:, None, :].to(x.dtype), sign * sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * c + torch.cat((-x2, x1), dim=-1) * s
@@ -121,8 +109,18 @@ class _Rotary(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb on one of q or k, laid out (rows, length, heads, head_dim)."""
+    """apply_rotary_pos_emb on one of q or k, laid out (rows, length, heads, head_dim), in plain torch."""
     return _Rotary.apply(x, cos.contiguous(), sin.contiguous())
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q and k (rows, length, heads, head_dim) rotated by their positions' angles (cos, sin: (1, length,
+    head_dim)), returned as (rows, heads, length, head_dim) for attention: Liger's kernel on CUDA."""
+    if q.is_cuda:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        return LigerRopeFunction.apply(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), cos, sin)
+    return rotary(q, cos[0], sin[0]).transpose(1, 2), rotary(k, cos[0], sin[0]).transpose(1, 2)
 
 
 # ---- SwiGLU and down_proj ------------------------------------------------------------------
@@ -171,9 +169,9 @@ def build_layer_kernels(device: torch.device, dtype: torch.dtype, config) -> Non
     tensor = lambda *shape, grad=True: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
     x, w = tensor(1, 16, config.hidden_size), tensor(config.hidden_size)
     qkv = tensor(1, 16, heads + 2 * kv_heads, head_dim)  # q and k as slices of a wider row, as in the layer
-    cos, sin = tensor(16, head_dim, grad=False), tensor(16, head_dim, grad=False)
+    cos, sin = tensor(1, 16, head_dim, grad=False), tensor(1, 16, head_dim, grad=False)
     gate, up = tensor(1, 16, config.intermediate_size), tensor(1, 16, config.intermediate_size)
     down = tensor(config.hidden_size, config.intermediate_size)
-    outputs = (rms_norm(x, w, 1e-6), rotary(qkv[:, :, :heads], cos, sin),
-               rotary(qkv[:, :, heads:heads + kv_heads], cos, sin), swiglu_down(gate, up, down))
+    q, k = rotate_qk(qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], cos, sin)
+    outputs = (rms_norm(x, w, 1e-6), q, k, swiglu_down(gate, up, down))
     torch.autograd.backward([o.sum() for o in outputs])
