@@ -1,17 +1,18 @@
-"""The whole journey in a real browser: load data, train, reload mid-run, compare base vs tuned.
+"""The whole journey in a real browser: load data, search, train, reload mid-run, compare base vs tuned,
+batch A/B, continue the run from the Runs tab, overlay two runs, switch the language.
 
 One app per module on 127.0.0.1 (demo model, bundled sample, the real engine behind a
 gate that parks the run after a few steps so the reload happens provably mid-run), one
-headless Chromium page in the app's default locale (zh-CN). The tests run in order and
-share the page, like a user would. Elements are found by elem_id, never by text. Every
-request that leaves 127.0.0.1 is aborted and recorded; the last test asserts there were
-none. Screenshots of the three tabs are saved (see SCREENSHOTS) for the README.
+headless Chromium page in zh-CN. The tests run in order and share the page, like a user
+would. Elements are found by elem_id, never by text. Every request that leaves 127.0.0.1
+is aborted and recorded; the last test asserts there were none. Screenshots of the tabs
+are saved in both languages (see SCREENSHOTS) for the README.
 """
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -113,6 +114,21 @@ def test_loading_the_sample_with_the_demo_model_fills_preview_stats_and_histogra
     _shot(page, "data.png")
 
 
+def test_search_filters_the_preview_as_you_type(browser_page):
+    page, _ = browser_page
+    grid = page.locator("#data-preview [role=grid]")
+    expect(grid).to_have_attribute("aria-rowcount", "11")
+    instruction = page.locator("#data-preview [data-testid='cell-0-2']").inner_text().strip()
+    box = page.locator("#data-search textarea")
+    box.press_sequentially(instruction, delay=20)  # typed, no Enter
+    page.wait_for_function("() => +document.querySelector('#data-preview [role=grid]').getAttribute("
+                           "'aria-rowcount') < 11")
+    expect(page.locator("#data-page-info")).not_to_contain_text("共 211 条")
+    box.press("Control+a")
+    box.press("Backspace")  # cleared by keys, no Enter: every row again
+    expect(grid).to_have_attribute("aria-rowcount", "11")
+
+
 def test_use_suggested_lengths_changes_the_train_forms_max_lengths(browser_page):
     page, _ = browser_page
     suggested = (input_value(page, "data-suggested-source"), input_value(page, "data-suggested-target"))
@@ -181,11 +197,8 @@ def test_the_run_finishes_with_every_loss_point_and_a_final_checkpoint(browser_p
 def test_compare_answers_a_reference_prompt_in_both_labelled_panes(browser_page):
     page, _ = browser_page
     _open_tab(page, "compare")
-    page.locator("#compare-refresh").click()
+    # The run finished while the page was open: its final is picked, no refresh, no click.
     picker = page.locator("#compare-checkpoint input")
-    expect(picker).to_have_value(re.compile(re.escape(RUN_NAME)))
-    picker.click()
-    page.get_by_role("option", name=f"{RUN_NAME}/checkpoints/final", exact=True).click()
     expect(picker).to_have_value(f"{RUN_NAME}/checkpoints/final")
     expect(page.locator("#compare-base-label")).to_contain_text("demo")
     expect(page.locator("#compare-tuned-label")).to_contain_text(f"{RUN_NAME}/checkpoints/final")
@@ -205,7 +218,82 @@ def test_compare_answers_a_reference_prompt_in_both_labelled_panes(browser_page)
     _shot(page, "compare.png")
 
 
-# --- 4. Network -----------------------------------------------------------------------------
+def test_batch_ab_scores_the_checkpoints_own_data_in_a_readable_table(browser_page):
+    page, _ = browser_page
+    page.locator("#app-data-source textarea").fill("hfl/ruozhiba_gpt4")  # the top bar no longer says "sample"
+    page.locator("#compare-ab").locator("button").first.click()  # open the accordion
+    limit = page.locator("#compare-ab-limit input")
+    _fill(page, "#compare-ab-limit input", 50, 3)
+    limit.press("Tab")  # a Number commits its value on blur
+    page.locator("#compare-ab-run").click()
+    expect(page.locator("#compare-ab-table [role=grid]")).to_have_attribute("aria-rowcount", "4", timeout=SLOW)
+    expect(page.locator("#compare-ab-loss")).to_contain_text("验证损失")  # the run's own validation split
+    frame = page.locator("#compare-ab-table").bounding_box()
+    for column in (2, 3):  # base and fine-tuned answers, side by side and on screen at 1280 px
+        cell = page.locator(f"#compare-ab-table [data-testid='cell-0-{column}']").bounding_box()
+        assert cell["x"] + cell["width"] <= frame["x"] + frame["width"] + 1 <= VIEWPORT["width"], (column, cell)
+    _shot(page, "compare-ab.png")
+
+
+# --- 4. Runs tab ----------------------------------------------------------------------------
+def test_a_run_continued_from_the_runs_tab_goes_on_in_a_new_run_folder(browser_page, app):
+    page, _ = browser_page
+    _open_tab(page, "runs")
+    picker = page.locator("#runs-pick input")
+    expect(picker).to_have_value(RUN_NAME)
+    page.locator("#runs-resume").locator("button").first.click()  # open "continue training"
+    expect(page.locator("#runs-settings")).to_contain_text('"run_name": "browser-e2e"')
+    expect(page.locator("#runs-resume-epochs input")).to_have_value("2")
+    page.locator("#runs-resume-button").click()
+    expect(page.locator("#runs-status")).to_contain_text(f"{RUN_NAME}-cont")
+    _open_tab(page, "train")
+    done = wait_progress(page, "p.status === 'finished' && p.step > " + str(MAX_STEPS), SLOW)
+    assert done["num_steps"] > MAX_STEPS
+    snap = app["runner"].snapshot()
+    assert Path(snap.run_dir).name == f"{RUN_NAME}-cont" and snap.steps[0].step == MAX_STEPS + 1  # continued
+    assert (app["runs"] / RUN_NAME / "checkpoints" / "final").is_dir()  # the original is still there
+
+
+def test_two_runs_overlaid_on_one_chart(browser_page):
+    page, _ = browser_page
+    _open_tab(page, "runs")
+    page.locator("#runs-refresh").click()
+    expect(page.locator("#runs-table [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 runs
+    for name in (RUN_NAME, f"{RUN_NAME}-cont"):
+        box = page.locator("#runs-selected").get_by_label(name, exact=True)
+        if not box.is_checked():
+            box.check()
+    page.wait_for_function("() => { const gd = document.querySelector('#runs-chart .js-plotly-plot');"
+                           " return gd && gd.data && new Set(gd.data.map(t => t.line && t.line.color)).size >= 2; }")
+    _shot(page, "runs.png")
+
+
+# --- 5. Language -----------------------------------------------------------------------------
+def test_one_switch_changes_every_label_and_a_reload_keeps_it(browser_page):
+    page, _ = browser_page
+    _open_tab(page, "data")
+    expect(page.locator("#data-load")).to_have_text("加载数据")
+    page.locator("#app-lang label", has_text="English").click()
+    expect(page.locator("#data-load")).to_have_text("Load data")
+    expect(page.locator("#tab-train-button")).to_have_text("Train")
+    expect(page.locator("#train-progress .rz-meta")).to_contain_text("Finished")  # server-made text too
+    page.reload()
+    page.wait_for_selector("#data-load")
+    expect(page.locator("#data-load")).to_have_text("Load data")  # remembered in the browser
+    for tab, plot in (("data", "data-histograms"), ("train", "train-loss-chart"), ("compare", None),
+                      ("runs", "runs-chart")):
+        _open_tab(page, tab)
+        if tab == "data":  # a reloaded page starts with no data (offline: demo and sample are picked)
+            page.locator("#data-load").click()
+        if plot:
+            page.wait_for_function(f"() => {{ const gd = document.querySelector('#{plot} .js-plotly-plot');"
+                                   " return gd && gd.data && gd.data.length > 0; }")
+        _shot(page, f"{tab}-en.png")
+    page.locator("#app-lang label", has_text="中文").click()
+    expect(page.locator("#data-load")).to_have_text("加载数据")
+
+
+# --- 6. Network -----------------------------------------------------------------------------
 def test_markup_in_a_source_is_shown_as_text_and_fetches_nothing(browser_page):
     page, _ = browser_page
     hostile = "![x](http://example.invalid/x.png)<img src=http://example.invalid/y.png>"

@@ -389,12 +389,12 @@ def build(ctx: AppContext) -> CompareHandles:
         send = gr.Button(T("compare.send"), variant="primary", elem_id="compare-send")
         stop = gr.Button(T("compare.stop"), variant="stop", elem_id="compare-stop")
         clear = gr.Button(T("compare.clear"), elem_id="compare-clear")
-    with gr.Accordion(T("compare.ab_title"), open=False):
+    with gr.Accordion(T("compare.ab_title"), open=False, elem_id="compare-ab"):
         with gr.Row():
             ab_source = gr.Radio([(T("compare.ab_source_val"), "validation"), (T("compare.ab_source_pasted"), "pasted")],
                                  value="validation", label=T("compare.ab_source"))
             ab_limit = gr.Number(AB_DEFAULT_PROMPTS, minimum=1, maximum=ctx.policy.limits.ab_prompts, precision=0,
-                                 label=T("compare.ab_limit"))
+                                 label=T("compare.ab_limit"), elem_id="compare-ab-limit")
             ab_run = gr.Button(T("compare.ab_run"), variant="primary", elem_id="compare-ab-run")
         ab_prompts_box = gr.Textbox(label=T("compare.ab_prompts"), lines=4, elem_id="compare-ab-prompts")
         ab_loss = gr.Markdown(elem_id="compare-ab-loss")

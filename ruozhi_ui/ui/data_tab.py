@@ -451,7 +451,9 @@ def wire(ctx: AppContext, h: DataHandles, form: dict) -> DataHandles:
 
     page_io = dict(inputs=[h.loaded_key, h.search, h.page, h.page_size, ctx.lang],
                    outputs=[h.preview, h.page, h.page_info], show_progress_on=[h.page_info])
-    paging = [h.search.input(bind(on_search, ctx), **page_io, trigger_mode="always_last", **private),
+    # .change, not .input: text typed through an input method (every Chinese user's) never fires .input;
+    # always_last runs only the newest query while one is in flight, which is the debounce.
+    paging = [h.search.change(bind(on_search, ctx), **page_io, trigger_mode="always_last", **private),
               h.page.submit(bind(on_preview, ctx), **page_io, api_name="preview_page"),
               h.page_size.input(bind(on_preview, ctx), **page_io, **private),
               h.prev_button.click(bind(on_prev_page, ctx), **page_io, **private),

@@ -215,10 +215,10 @@ def wire(ctx: AppContext, h: RunsHandles, tabs: gr.Tabs, compare_checkpoint: gr.
     listing = [h.table, h.selected, h.chart, h.pick, h.empty]
     refresh_io = dict(fn=bind(on_refresh, ctx), inputs=[h.selected, ctx.lang, ctx.visitor], outputs=listing,
                       **private)
-    h.refresh.click(**refresh_io)
-    h.tab.select(**refresh_io)
-    ctx.lang.change(**refresh_io)
-    load_event.then(**refresh_io)
+    pick_io = dict(fn=bind(on_pick, ctx), inputs=[h.pick, ctx.lang, ctx.visitor],
+                   outputs=[h.settings, h.resume_epochs, h.resume], **private)
+    for trigger in (h.refresh.click, h.tab.select, ctx.lang.change, load_event.then):
+        trigger(**refresh_io).then(**pick_io)  # the picked run may have finished since it was picked
     h.selected.input(bind(on_overlay, ctx), [h.selected, ctx.lang, ctx.visitor], [h.chart], **private)
     h.open_compare.click(bind(on_open_in_compare, ctx), [h.pick, ctx.lang, ctx.visitor], [compare_checkpoint, tabs],
                          **private)
@@ -226,7 +226,6 @@ def wire(ctx: AppContext, h: RunsHandles, tabs: gr.Tabs, compare_checkpoint: gr.
     h.delete_no.click(lambda: gr.update(visible=False), None, [h.confirm], **private)
     h.delete_yes.click(bind(on_delete, ctx), [h.pick, h.selected, ctx.lang, ctx.visitor],
                        [h.confirm, h.status, *listing], **private)
-    h.pick.change(bind(on_pick, ctx), [h.pick, ctx.lang, ctx.visitor], [h.settings, h.resume_epochs, h.resume],
-                  **private)
+    h.pick.change(**pick_io)
     return h.resume.click(bind(on_resume, ctx), [h.pick, h.resume_epochs, ctx.lang, ctx.visitor], [h.status],
                           api_name="resume_run")

@@ -38,20 +38,24 @@ CSS = """
 #app-offline { border: 1px solid #f59e0b; border-radius: 8px; padding: 8px; }
 #app-trust-warning, #app-model-note { color: #b45309; }
 #app-top { align-items: center; }
-#app-lang { flex-grow: 0 !important; min-width: 0 !important; }
+#app-lang { flex: 0 0 auto !important; width: auto !important; }
 #app-lang .wrap { flex-wrap: nowrap; gap: 2px; }
-#app-lang label { padding: 2px 10px; min-width: 0; }
+#app-lang label { padding: 2px 10px; }
 .rz-error { color: #b91c1c; font-weight: 500; }
 .rz-muted { color: var(--body-text-color-subdued); }
-.rz-probes { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+.rz-probes { border-collapse: collapse; width: 100%; table-layout: fixed; font-size: 0.92em; }
 .rz-probes th, .rz-probes td { border: 1px solid var(--border-color-primary); padding: 4px 6px; vertical-align: top;
-  text-align: left; }
-.rz-probes tbody th { font-weight: 500; width: 28%; }
-.rz-probes summary { cursor: pointer; }
+  text-align: left; overflow-wrap: anywhere; }
+.rz-probes thead th:first-child { width: 28%; }
+.rz-probes tbody th { font-weight: 500; }
+.rz-probes summary { cursor: pointer; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#train-checkpoints code { overflow-wrap: anywhere; white-space: normal; }
 .rz-answer { white-space: pre-wrap; margin-top: 4px; }
 #compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: nowrap; }
 #compare-base-label, #compare-tuned-label { min-height: 2.6em; }
 @media (max-width: 640px) {
+  #app-bar { flex-wrap: wrap; }
+  #app-bar > * { min-width: 100% !important; }
   .rz-probes tbody th { width: auto; }
   #data-preview, #data-stats, #compare-ab-table, #runs-table { overflow-x: auto; }
 }
@@ -121,10 +125,10 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         with gr.Row(equal_height=True, elem_id="app-top"):
             gr.Markdown(T("app.title"), elem_id="app-title")
             lang = gr.Radio([list(c) for c in LANG_CHOICES], value=DEFAULT_LANG, show_label=False, container=False,
-                            elem_id="app-lang", scale=0, min_width=160)
+                            elem_id="app-lang", scale=0, min_width=190)
         if policy.public:
             gr.Markdown(T("app.public_mode"), elem_id="app-mode")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="app-bar"):
             models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
             # Custom values pass Gradio so that the policy refuses them with its own words (public mode).
             model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=T("app.model"),
