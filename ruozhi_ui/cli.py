@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--max-steps", type=int)
     t.add_argument("--device", help="auto, cpu or cuda")
+    t.add_argument("--gpus", type=int, help="train on N GPUs under torchrun (default 1: in this process)")
+    t.add_argument("--shard", help="with --gpus: ddp, fsdp (FSDP2 shards the model) or auto")
     return parser
 
 
@@ -226,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = policy.check_train_config(cfg, policy.visitor())
     # The engine loads the tokenizer and the data before the model and raises a
     # RuozhiError for a bad path or spec, so those fail in seconds, as one line (main).
-    from .train import train
+    from .launcher import train  # in this process, or on --gpus processes under torchrun
 
     printer, stop_event = Printer(), threading.Event()
 
@@ -239,7 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
     try:
-        final = train(cfg, emit=printer, stop_event=stop_event, runs_root=root)
+        final = train(cfg, printer, stop_event, root)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -78,6 +78,8 @@ class TrainConfig:
     save_resume_state: bool = True  # keep optimizer/RNG state (2x the model) with the newest checkpoint for resume
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit; for smoke tests)
     keep_checkpoints: int = 0  # epoch checkpoints kept besides `final`, the newest (0 = all)
+    gpus: int = 1  # processes under torchrun, one per GPU (on the CPU: gloo processes, for tests); 1 = in-process
+    shard: str = "auto"  # several GPUs: "ddp" (each holds the model), "fsdp" (FSDP2 shards it), "auto" picks by size
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.keep_checkpoints >= 0, "keep_checkpoints must be 0 (all) or more"),
         (cfg.log_every_steps >= 0, "log_every_steps must be 0 (auto) or more"),
         (cfg.max_steps >= 0, "max_steps must be 0 (no limit) or more"),
+        (1 <= cfg.gpus <= 64, "gpus must be between 1 and 64"),
+        (cfg.shard in ("auto", "ddp", "fsdp"), "shard must be 'auto', 'ddp' or 'fsdp'"),
+        (cfg.gpus == 1 or cfg.cuda_graphs != "on",
+         "cuda_graphs='on' runs on one GPU; several GPUs take eager steps (use cuda_graphs='auto')"),
         (bool(cfg.model.spec.strip()), "model spec is empty: give a Hub id, a local folder or 'demo'"),
         (bool(d.source.strip()), "dataset source is empty: give a Hub id, a .json/.jsonl file or 'sample'"),
     ]

@@ -64,9 +64,9 @@ IDLE = JobSnapshot(version=0, status="idle")
 
 
 def _default_train(cfg, emit, stop_event, runs_root):
-    from .train import train  # imported late: torch/transformers load only when training starts
+    from .launcher import train  # in this process, or several under torchrun
 
-    return train(cfg, emit=emit, stop_event=stop_event, runs_root=runs_root)
+    return train(cfg, emit, stop_event, runs_root)
 
 
 class JobRunner:

@@ -56,13 +56,14 @@ class Limits:
     checkpoints_per_run: int = 0  # epoch checkpoints kept besides `final` (0 = all)
     session_disk_mb: int = 0  # a visitor's runs + uploads (0 = no quota)
     upload_mb: int = 200  # one uploaded data file
+    gpus: int = 64  # processes of one run (torchrun); the machine's GPU count bounds it too
 
 
 PUBLIC_LIMITS = dataclasses.replace(
     Limits(), epochs=10, max_steps=5000, batch_size=64, grad_accum_steps=16, warmup_steps=1000,
     max_source_length=1024, max_target_length=1024, lora_rank=64, lora_alpha=256, ab_prompts=200,
     max_new_tokens=512, text_chars=4000, config_layers=256, config_hidden=16384, config_vocab=300_000,
-    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50)
+    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8)
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,16 @@ class Policy:
                   ("max_target_length", cfg.data.max_target_length, lim.max_target_length),
                   ("lora_rank", cfg.lora_rank, lim.lora_rank), ("lora_alpha", cfg.lora_alpha, lim.lora_alpha),
                   ("seed", cfg.seed, lim.seed), ("data seed", cfg.data.seed, lim.seed),
-                  ("probe_max_new_tokens", cfg.probe_max_new_tokens, lim.max_new_tokens)]
+                  ("probe_max_new_tokens", cfg.probe_max_new_tokens, lim.max_new_tokens),
+                  ("gpus", cfg.gpus, lim.gpus)]
         for name, value, bound in bounds:
             check_at_most(name, value, bound)
         check_at_least("seed", cfg.seed, 0)
         check_at_least("data seed", cfg.data.seed, 0)
         if len(cfg.probe_prompts) > 10:
             raise PolicyError(key="err.policy.probes")
+        if self.public and cfg.gpus > 1 and cfg.device == "cpu":  # CPU processes are for tests, not visitors
+            raise PolicyError(key="err.policy.cpu_processes")
         changes = dict(model=dataclasses.replace(cfg.model, spec=spec,
                                                  trust_remote_code=self.trust_remote_code(spec, cfg.model.trust_remote_code)),
                        data=dataclasses.replace(cfg.data, source=source))

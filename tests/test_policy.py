@@ -60,7 +60,7 @@ LIMITED = [("epochs", "epochs"), ("max_steps", "max_steps"), ("batch_size", "bat
            ("grad_accum_steps", "grad_accum_steps"), ("warmup_steps", "warmup_steps"),
            ("max_source_length", "max_source_length"), ("max_target_length", "max_target_length"),
            ("lora_rank", "lora_rank"), ("lora_alpha", "lora_alpha"), ("seed", "seed"),
-           ("probe_max_new_tokens", "max_new_tokens")]
+           ("probe_max_new_tokens", "max_new_tokens"), ("gpus", "gpus")]
 
 
 @pytest.mark.parametrize("field,limit", LIMITED)
@@ -69,6 +69,11 @@ def test_every_training_limit_holds_at_its_bound_and_refuses_bound_plus_one(publ
     public.check_train_config(cfg(**{field: bound}), public.visitor(TOKEN))
     with pytest.raises(PolicyError, match=f"{field} must be at most {bound:,}"):
         public.check_train_config(cfg(**{field: bound + 1}), public.visitor(TOKEN))
+
+
+def test_a_visitor_cannot_start_cpu_processes(public):
+    with pytest.raises(PolicyError, match="several processes needs several GPUs"):
+        public.check_train_config(cfg(gpus=2, device="cpu"), public.visitor(TOKEN))
 
 
 def test_local_mode_still_refuses_what_cannot_be_meant(tmp_path):

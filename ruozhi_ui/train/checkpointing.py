@@ -31,26 +31,27 @@ class TrainState:
     step_in_epoch: int = 0  # steps done within the current epoch
 
 
-def training_state_blob(optimizer, state: TrainState) -> dict:
+def training_state_blob(optimizer_state: dict, state: TrainState) -> dict:
     """What resuming needs besides the weights, as tensors and plain values (loadable with weights_only)."""
     version, internal, gauss = random.getstate()
     return {
         "state": dataclasses.asdict(state),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "rng_torch": torch.random.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
 
 
-def restore_training_state(path: Path, optimizer) -> TrainState:
-    """Load a checkpoint's training state (tensors only: a crafted pickle is refused, never run)."""
+def restore_training_state(path: Path, load_optimizer: Callable[[dict], None]) -> TrainState:
+    """Load a checkpoint's training state (tensors only: a crafted pickle is refused, never run); the
+    optimizer's part goes to `load_optimizer` (a one-process optimizer's load_state_dict, or the ranks')."""
     try:
         blob = torch.load(Path(path) / ckpt.TRAINING_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unpickling refusal, a damaged file
         raise ConfigError(f"resume_from: '{path}' has a training state that is not plain tensors "
                           f"({type(e).__name__}); it cannot be resumed safely") from None
-    optimizer.load_state_dict(blob["optimizer"])
+    load_optimizer(blob["optimizer"])
     torch.random.set_rng_state(blob["rng_torch"])
     if blob["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng_cuda"])

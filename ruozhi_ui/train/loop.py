@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..events import EmitFn, EvalDone, NullSink, SampleGenerated
 from .evaluate import generate_probes, mean_label_loss
+from .distributed import AgreedStop, share
 from .run import Run, StopRequested, setup
 from .step import lr_at, plan_epoch
 
@@ -31,6 +32,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
     run = setup(cfg, emit or NullSink(), runs_root)
     cfg, state = run.cfg, run.state  # cfg as resolved (a resumed run takes its checkpoint's settings)
     lengths = [len(e) for e in run.train_ex]
+    if run.ranks.distributed:  # every rank stops at the same step, whichever was asked
+        stop_event = AgreedStop(stop_event, run.ranks)
     try:
         with attention_backends(run.device):
             while state.epoch < cfg.epochs and state.step < run.num_steps:
@@ -42,7 +45,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
                     if stop_event.is_set():
                         raise StopRequested
                     lr = lr_at(state.step, cfg, run.num_steps)
-                    loss, num_tokens = run.stepper(batch_no, [run.train_ex[i] for i in batches[batch_no]], lr)
+                    mine = share(batches[batch_no], run.ranks)  # the whole batch in one process
+                    loss, num_tokens = run.stepper(batch_no, [run.train_ex[i] for i in mine], lr)
                     state.step += 1
                     state.step_in_epoch += 1
                     last = state.step_in_epoch == len(batches) or state.step >= run.num_steps
@@ -63,6 +67,8 @@ def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Ev
         run.finish("stopped")
     except Exception as e:  # reported to the UI; the process keeps serving
         run.fail(e)
+        if run.ranks.distributed:  # a rank must exit non-zero, so torchrun stops the others
+            raise
         return None
     finally:
         run.close()
@@ -75,7 +81,7 @@ def evaluate(run: Run, stop_event: threading.Event) -> None:
     state, cfg = run.state, run.cfg
     epoch = state.epoch if state.step_in_epoch == 0 else state.epoch + 1
     run.phase("validating")
-    val_loss = mean_label_loss(run.model, run.val_ex, run.pad_token_id, run.device, cfg.batch_size, run.prec.autocast)
+    val_loss = mean_label_loss(run.eval_model, run.val_ex, run.pad_token_id, run.device, cfg.batch_size, run.prec.autocast)
     run.val_losses.append(val_loss)
     run.scalar("Loss/val", val_loss, epoch)
     run.log(EvalDone(step=state.step, epoch=epoch, val_loss=val_loss,
@@ -84,7 +90,7 @@ def evaluate(run: Run, stop_event: threading.Event) -> None:
         raise StopRequested
     if cfg.probe_prompts:
         run.phase("probing")
-        run.log(SampleGenerated(step=state.step, epoch=epoch, answers=generate_probes(run.model, run.tokenizer, cfg,
+        run.log(SampleGenerated(step=state.step, epoch=epoch, answers=generate_probes(run.eval_model, run.tokenizer, cfg,
                                                                                       run.device)))
 
 

@@ -59,8 +59,32 @@ def batch_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 2048
 
     `batch` holds input_ids and either attention_mask (padded) or position_ids
     (packed: attention_mask must stay None so examples do not see each other),
-    plus `positions`/`targets` from `label_positions`.
+    plus `positions`/`targets` from `label_positions`. `model` may be a distributed run's
+    `LabelLoss` (under DDP or FSDP2): then the loss goes through its forward, where their hooks run.
     """
+    if isinstance(model, LabelLoss) or isinstance(getattr(model, "module", None), LabelLoss):
+        return model(batch, chunk_size)
+    return label_loss_sum(model, batch, chunk_size)
+
+
+class LabelLoss(torch.nn.Module):
+    """A model with the label-only loss as its forward. DDP and FSDP2 act around a module's forward
+    (gradient sync, gathering shards), and our loss reads the decoder and the LM head's weight
+    directly, so a distributed run wraps this module, not the model. `generate` passes through (FSDP2
+    registers it as a forward, so a sharded model's probes gather its weights too)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> torch.Tensor:
+        return label_loss_sum(self.model, batch, chunk_size)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+
+def label_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     decoder, lm_head = decoder_and_head(model)
     out = decoder(
         input_ids=batch["input_ids"],

@@ -47,7 +47,7 @@ class Precision:
 def choose_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         name = f"cuda ({torch.cuda.get_device_name(device)})"
-        if cfg.method == "full":
+        if cfg.method == "full" and cfg.gpus == 1:  # several GPUs: fp32 weights under DDP/FSDP2, bf16 compute
             return Precision(device, torch.bfloat16, None, True, "bf16",
                              "bf16 weights, fp32 AdamW moments, stochastic rounding", name)
         return Precision(device, torch.float32, torch.bfloat16, False, "bf16-autocast",
@@ -158,6 +158,8 @@ class AdamWBF16(torch.optim.Optimizer):
             for name, flat in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
                 flat[offset:offset + n].copy_(saved[index][name].reshape(-1).to(flat.device, torch.float32))
                 self.state[p][name] = flat[offset:offset + n].view_as(p)
+        if step is None and saved:  # saved by torch's AdamW (a run on several GPUs): one count per parameter
+            step = next(iter(saved.values())).get("step")
         if step is not None:
             self.step_t.copy_(step)
 

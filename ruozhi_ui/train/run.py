@@ -27,13 +27,15 @@ from ..errors import ConfigError
 from ..events import (CheckpointSaved, EmitFn, JobFailed, JobFinished, PhaseChanged, PrecisionChanged, RunStarted,
                       StepLogged, event_to_json)
 from ..models import load_model, load_tokenizer, pick_device
+from . import distributed
 from .checkpointing import (BackgroundSaver, TrainState, cpu_snapshot, prune_epoch_checkpoints,
                             restore_training_state, save_checkpoint, save_merged, training_state_blob)
 from .precision import Precision, choose_precision, make_optimizer
+from .distributed import SINGLE, Ranks
 from .step import choose_stepper, graphs_unusable, plan_epoch, uses_fast_layers
 
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "device", "cuda_graphs", "fast_layers", "keep_checkpoints",
-                       "run_name", "log_every_steps", "save_resume_state")
+                       "run_name", "log_every_steps", "save_resume_state", "gpus", "shard")
 
 
 class StopRequested(Exception):
@@ -51,7 +53,16 @@ def resolve_resume(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"resume_from: '{path}' is not a resumable checkpoint (no {ckpt.TRAINING_STATE}); "
                           "pick the newest checkpoint of a run")
     saved = load_config(path / "run_config.json")
-    return dataclasses.replace(saved, resume_from=str(path), **{k: getattr(cfg, k) for k in RESUMABLE_OVERRIDES})
+    resumed = dataclasses.replace(saved, resume_from=str(path), **{k: getattr(cfg, k) for k in RESUMABLE_OVERRIDES})
+    if resumed.gpus == saved.gpus:
+        return resumed
+    # on another number of GPUs the run keeps its global batch (batch_size per GPU x GPUs), so it goes on
+    # with the same updates it would have made
+    global_batch = saved.batch_size * saved.gpus
+    if global_batch % resumed.gpus or (global_batch // resumed.gpus) % resumed.grad_accum_steps:
+        raise ConfigError(f"resume_from: the run's global batch of {global_batch} examples does not split over "
+                          f"{resumed.gpus} GPU(s); resume on a number of GPUs that divides it")
+    return dataclasses.replace(resumed, batch_size=global_batch // resumed.gpus)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, prec: Precision):
@@ -86,9 +97,9 @@ def failure_hint(error: BaseException) -> str:
 
 
 def saves_in_background(device: torch.device, cfg: TrainConfig) -> bool:
-    """Full-parameter GPU runs write epoch checkpoints on a thread; on the CPU (slow steps anyway) and for
-    LoRA (small adapters) a plain synchronous save is simpler."""
-    return device.type == "cuda" and cfg.method == "full"
+    """Full-parameter one-GPU runs write epoch checkpoints on a thread; on the CPU (slow steps anyway), for
+    LoRA (small adapters) and on several GPUs (gathering the weights is a collective) a plain save is simpler."""
+    return device.type == "cuda" and cfg.method == "full" and cfg.gpus == 1
 
 
 def tensorboard_writer(folder: Path):
@@ -116,6 +127,8 @@ class Run:
     run_dir: Path
     emit: EmitFn
     t0: float
+    ranks: Ranks = SINGLE
+    wrapped: object = None  # what a distributed step calls: DDP or FSDP2 around LabelLoss(model); else the model
     saver: BackgroundSaver | None = None
     writer: object = None
     metrics_file: object = None
@@ -136,8 +149,15 @@ class Run:
     def pad_token_id(self) -> int:
         return pad_id(self.tokenizer)
 
+    @property
+    def eval_model(self):
+        """What validation and the probes run: the model, or under FSDP2 its wrapper (which gathers the shards)."""
+        return self.wrapped if self.ranks.shard == "fsdp" else self.model
+
     # --- events ---------------------------------------------------------------------------
     def log(self, event) -> None:
+        if not self.ranks.is_main:  # rank 0 speaks for a run on several processes
+            return
         self.metrics_file.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
         self.metrics_file.flush()
         self.emit(event)
@@ -193,7 +213,9 @@ class Run:
         s = self.state
         metrics = copy.deepcopy({"val_loss": self.val_losses, "train_loss_last": self.last_train_loss,
                                  "step": s.step, "epoch": s.epoch})  # a background write must not see later values
-        blob = training_state_blob(self.optimizer, s) if self.cfg.save_resume_state else None
+        if self.ranks.distributed:
+            return self.checkpoint_from_ranks(name, metrics, final)
+        blob = training_state_blob(self.optimizer.state_dict(), s) if self.cfg.save_resume_state else None
         if self.saver and not final:
             weights, blob = cpu_snapshot(self.model.state_dict()), cpu_snapshot(blob)
             write = lambda: save_checkpoint(self.model, self.tokenizer, self.cfg, self.run_dir, name, metrics,
@@ -206,11 +228,24 @@ class Run:
         self.saved(path, s.step, s.epoch, final=final)
         return path
 
+    def checkpoint_from_ranks(self, name: str, metrics: dict, final: bool) -> Path | None:
+        """Every rank helps gather the weights and optimizer state (FSDP2); rank 0 writes them."""
+        weights = distributed.full_weights(self.wrapped, self.model, self.ranks)
+        blob = None
+        if self.cfg.save_resume_state:
+            optimizer_state = distributed.full_optimizer_state(self.wrapped, self.model, self.optimizer, self.ranks)
+            blob = training_state_blob(optimizer_state, self.state) if self.ranks.is_main else None
+        if not self.ranks.is_main:
+            return None
+        path = save_checkpoint(self.model, self.tokenizer, self.cfg, self.run_dir, name, metrics, weights, blob)
+        self.saved(path, self.state.step, self.state.epoch, final=final)
+        return path
+
     # --- ending ---------------------------------------------------------------------------
     def finish(self, status: str) -> None:
         self.phase("saving")
         self.final = self.checkpoint("final", final=True)
-        if status == "finished" and self.cfg.method == "lora" and self.cfg.save_merged:
+        if status == "finished" and self.cfg.method == "lora" and self.cfg.save_merged and self.ranks.is_main:
             save_merged(self.model, self.tokenizer, self.cfg, self.run_dir)
         self.log(JobFinished(status=status, run_dir=str(self.run_dir), final_checkpoint=str(self.final),
                              elapsed_s=time.time() - self.t0, finished_at=time.time()))
@@ -226,15 +261,20 @@ class Run:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
 
 
 def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
-    """Everything before the first step; the run folder is made last, once nothing can fail on bad input."""
+    """Everything before the first step; the run folder is made last, once nothing can fail on bad input.
+    A run with `gpus` > 1 is one torchrun rank of it (see distributed.py): rank 0 makes the folder."""
     t0 = time.time()
     cfg = resolve_resume(validate(cfg))
     root = Path(runs_root)
     device = pick_device(cfg.device)
+    ranks = start_ranks(cfg, device)
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
     prec = choose_precision(cfg, device)
     why_not = graphs_unusable(cfg, prec)
     if cfg.cuda_graphs == "on" and why_not:
@@ -253,32 +293,71 @@ def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
                                             d.max_target_length, train_all_turns=d.train_all_turns,
                                             label_truncated_end=d.label_truncated_end)
     train_ex, val_ex = encode(splits.train), encode(splits.val)
-    model = build_model(cfg, device, prec)
+    # several ranks load on the CPU first: FSDP2 moves only each rank's shard to its GPU
+    model = build_model(cfg, torch.device("cpu") if ranks.distributed else device, prec)
     model.config.use_cache = False
     model.train()
+    wrapped = model
+    if ranks.distributed:
+        ranks = dataclasses.replace(ranks, shard=distributed.choose_shard(
+            cfg.shard, sum(p.numel() for p in model.parameters()), device))
+        if ranks.shard == "fsdp" and cfg.method == "lora" and cfg.save_merged:
+            raise ConfigError("save_merged needs the whole model in one process; with shard='fsdp' merge the "
+                              "adapter afterwards (peft's merge_and_unload), or use shard='ddp'")
+        if ranks.shard == "ddp":
+            model.to(device)
+        wrapped = distributed.wrap(model, ranks, device, prec.autocast_dtype)
     optimizer = make_optimizer(model, cfg, prec)
     steps_per_epoch = len(plan_epoch([len(e) for e in train_ex], cfg, 0))
     num_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
-    state = restore_training_state(Path(cfg.resume_from), optimizer) if cfg.resume_from else TrainState()
+    load_optimizer = optimizer.load_state_dict
+    if ranks.distributed:
+        load_optimizer = lambda saved: distributed.load_optimizer_state(wrapped, model, optimizer, saved, ranks)
+    state = restore_training_state(Path(cfg.resume_from), load_optimizer) if cfg.resume_from else TrainState()
+    run_dir, metrics_file, writer = Path(), None, None
+    if ranks.is_main:
+        run_dir, metrics_file = make_run_folder(cfg, root)
+        writer = tensorboard_writer(run_dir / "tb")
+    if ranks.distributed:
+        run_dir = Path(distributed.broadcast_text(str(run_dir), ranks))
+    run = Run(cfg=cfg, prec=prec, tokenizer=tokenizer, train_ex=train_ex, val_ex=val_ex, model=model,
+              optimizer=optimizer, stepper=None, steps_per_epoch=steps_per_epoch, num_steps=num_steps, state=state,
+              run_dir=run_dir, emit=emit, t0=t0, metrics_file=metrics_file, writer=writer, ranks=ranks,
+              wrapped=wrapped, saver=BackgroundSaver() if saves_in_background(device, cfg) else None)
+    if ranks.distributed:
+        run.stepper = distributed.DistributedStep(wrapped, model, optimizer, cfg, prec, run.pad_token_id, ranks)
+    else:
+        run.stepper = choose_stepper(model, optimizer, cfg, prec, run.pad_token_id, run.fell_back)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    where = f"{ranks.world} x {prec.device_name}" if ranks.distributed else prec.device_name
+    run.log(RunStarted(run_dir=str(run_dir), num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+                       num_train=len(train_ex), num_val=len(val_ex), params_trained=trained,
+                       params_total=sum(p.numel() for p in model.parameters()), device=where,
+                       precision=f"{prec.description}; {run.stepper.description}", start_step=state.step,
+                       precision_code=prec.code, steps_code=run.stepper.code, resumed_from=cfg.resume_from))
+    return run
+
+
+def start_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
+    """This process's place in a run on several processes (`gpus` > 1, under torchrun); alone: SINGLE."""
+    if cfg.gpus == 1:
+        return SINGLE
+    ranks = distributed.start_ranks(device.type)
+    if ranks.world != cfg.gpus:
+        raise ConfigError(f"gpus={cfg.gpus} runs under torchrun with {cfg.gpus} processes: start it with "
+                          f"`python -m ruozhi_ui train --gpus {cfg.gpus}` or from the app")
+    return ranks
+
+
+def make_run_folder(cfg: TrainConfig, root: Path):
+    """A new run folder with its config and metrics log (a crash mid-save of an earlier run is repaired first)."""
     for folder in root.glob("*/checkpoints"):  # a crash mid-save of an earlier run: put `final` back
         ckpt.recover_checkpoints(folder)
     run_dir = ckpt.unique_run_dir(root, cfg.run_name)
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
-        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        return run_dir, open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"Cannot write the run folder '{run_dir}' ({e.strerror or e}); "
                           "check that the runs folder is writable and the disk has space") from None
-    run = Run(cfg=cfg, prec=prec, tokenizer=tokenizer, train_ex=train_ex, val_ex=val_ex, model=model,
-              optimizer=optimizer, stepper=None, steps_per_epoch=steps_per_epoch, num_steps=num_steps, state=state,
-              run_dir=run_dir, emit=emit, t0=t0, metrics_file=metrics_file, writer=tensorboard_writer(run_dir / "tb"),
-              saver=BackgroundSaver() if saves_in_background(device, cfg) else None)
-    run.stepper = choose_stepper(model, optimizer, cfg, prec, run.pad_token_id, run.fell_back)
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.log(RunStarted(run_dir=str(run_dir), num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-                       num_train=len(train_ex), num_val=len(val_ex), params_trained=trained,
-                       params_total=sum(p.numel() for p in model.parameters()), device=prec.device_name,
-                       precision=f"{prec.description}; {run.stepper.description}", start_step=state.step,
-                       precision_code=prec.code, steps_code=run.stepper.code, resumed_from=cfg.resume_from))
-    return run

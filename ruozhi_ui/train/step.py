@@ -30,6 +30,11 @@ class Stepper(Protocol):
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]: ...
 
 
+def global_batch_size(cfg: TrainConfig) -> int:
+    """Examples per optimiser step over all processes: each of `gpus` ranks takes `batch_size`."""
+    return cfg.batch_size * cfg.gpus
+
+
 def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
     """The learning rate of optimiser step `step` (0-based) of `num_steps`."""
     # 1) linear warmup from lr/warmup to lr
@@ -44,8 +49,11 @@ def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
 
 
 def plan_epoch(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
-    """The epoch's batches: a pure function of (seed, epoch), so a resumed run replays it exactly."""
-    return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+    """The epoch's global batches: a pure function of (seed, epoch), so a resumed run replays it exactly.
+    With several ranks, each global batch is split between them; one smaller than the number of ranks (an
+    epoch's last, at most) is left out, so that every rank has examples at every step."""
+    batches = length_grouped_batches(lengths, global_batch_size(cfg), seed=cfg.seed * 1000 + epoch)
+    return [b for b in batches if len(b) >= cfg.gpus]
 
 
 def make_micro_batches(examples, cfg: TrainConfig, pad_token_id: int, device: torch.device) -> list[dict]:
@@ -75,22 +83,39 @@ class EagerStep:
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
         set_lr(self.optimizer, lr)
         micro = make_micro_batches(examples, self.cfg, self.pad_token_id, self.prec.device)
-        label_count = sum(mb["targets"].numel() for mb in micro)
+        label_count, num_tokens = self.step_counts(sum(mb["targets"].numel() for mb in micro),
+                                                   sum(mb["num_tokens"] for mb in micro))
         total = torch.zeros((), device=self.prec.device)
-        for mb in micro:
+        for i, mb in enumerate(micro):
             with self.prec.autocast():
                 loss = batch_loss_sum(self.model, mb) / label_count
-            loss.backward()
+            self.backward(loss, last=i == len(micro) - 1)
             total += loss.detach()
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            self.clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, sum(mb["num_tokens"] for mb in micro)
+        return self.reduce_loss(total), num_tokens
+
+    # One process: the step's own counts and gradients. A distributed run overrides these four
+    # (train/distributed.py: counts and the loss summed over ranks, gradient sync on the last micro-batch).
+    def step_counts(self, label_count: int, num_tokens: int) -> tuple[float, int]:
+        return label_count, num_tokens
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def reduce_loss(self, total: torch.Tensor) -> torch.Tensor:
+        return total
+
+    def clip(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
 
 
 def graphs_unusable(cfg: TrainConfig, prec: Precision) -> str:
     """'' when the run can replay its steps as CUDA graphs, else why not (the fix is in the words)."""
+    if cfg.gpus > 1:
+        return "CUDA graphs run on one GPU; a run on several takes eager steps"
     if prec.device.type != "cuda":
         return "CUDA graphs need a CUDA GPU"
     if not prec.stochastic_bf16_optimizer:

@@ -30,13 +30,14 @@ from .texts import T
 
 DEFAULTS = TrainConfig()
 INT_FIELDS = ("epochs", "batch_size", "grad_accum_steps", "warmup_steps", "max_source_length", "max_target_length",
-              "lora_rank", "lora_alpha", "max_steps", "seed")
+              "lora_rank", "lora_alpha", "max_steps", "seed", "gpus")
 FLOAT_FIELDS = ("lr", "lora_dropout", "weight_decay", "max_grad_norm")
 DATA_FIELDS = ("max_source_length", "max_target_length", "system_prompt")
 # The form's fields in the order of the Start handler's inputs (after model, trust, source).
 FORM_FIELDS = ("method", "epochs", "batch_size", "grad_accum_steps", "lr", "lr_schedule", "warmup_steps",
                "max_source_length", "max_target_length", "packing", "run_name", "save_merged", "lora_rank",
-               "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm", "system_prompt")
+               "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm", "system_prompt",
+               "gpus", "shard")
 
 
 def form_defaults() -> dict:
@@ -120,7 +121,7 @@ def progress_html(snap: JobSnapshot, lang: str, now: float | None = None) -> str
         parts.append(t("train.progress_elapsed", lang, elapsed=_hms(end - snap.started_at)))
     if last and snap.active:
         parts.append(t("train.progress_eta", lang, eta=_hms(last.eta_s)))
-    on_gpu = bool(snap.started) and snap.started.device.startswith("cuda")
+    on_gpu = bool(snap.started) and "cuda" in snap.started.device  # "cuda (…)" or "2 x cuda (…)"
     if last:
         parts.append(t("train.progress_speed_gpu" if on_gpu else "train.progress_speed_cpu", lang,
                        tok_per_s=last.tok_per_s, mem=last.mem_gib))
@@ -351,6 +352,12 @@ def _num(name: str, d: dict, **kw) -> gr.Number:
                      elem_id=f"train-{name.replace('_', '-')}", **kw)
 
 
+def visible_gpus() -> int:
+    from ..launcher import available_gpus
+
+    return available_gpus()
+
+
 def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
     """Lay the tab out and wire it; `n_train` (the Data tab's loaded count) feeds the step estimate."""
     d = form_defaults()
@@ -380,6 +387,12 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
                     form["max_target_length"] = _num("max_target_length", d, minimum=1)
                     form["packing"] = gr.Checkbox(value=d["packing"], label=T("train.packing"), elem_id="train-packing")
                 form["run_name"] = gr.Textbox(value=d["run_name"], label=T("train.run_name"), elem_id="train-run-name")
+                gpus = visible_gpus()
+                with gr.Row(visible=gpus > 1):  # one GPU (or none): nothing to choose
+                    form["gpus"] = gr.Dropdown(list(range(1, gpus + 1)) if gpus > 1 else [1], value=d["gpus"],
+                                               label=T("train.gpus"), elem_id="train-gpus")
+                    form["shard"] = gr.Radio([(T("train.shard_auto"), "auto"), ("DDP", "ddp"), ("FSDP2", "fsdp")],
+                                             value=d["shard"], label=T("train.shard"), elem_id="train-shard")
                 with gr.Accordion(T("train.advanced"), open=False):
                     form["system_prompt"] = gr.Textbox(value=d["system_prompt"], label=T("train.system_prompt"),
                                                        lines=1, elem_id="train-system-prompt")
