@@ -1,0 +1,243 @@
+"""The decoding loop: a batch of prompts per model, and one Python loop that advances several at once.
+
+`Decoder` belongs to one model (an app keeps it beside the loaded weights): on CUDA
+it owns the captured decode steps, one `StaticSlot` per (rows, slots) shape, built by
+a background warm-up when the model loads; while a slot is busy or not built yet, a
+chat decodes on the simple path instead of waiting. `Batch` is one model decoding
+left-padded prompts; `advance_together` steps every unfinished batch once per tick
+(all launched before any is read, each model on its own CUDA stream, so two models'
+steps overlap on the GPU) and yields which rows grew. No thread decodes: the
+caller's loop does, so Stop and a closed generator end it at once.
+Works in token ids only; text lives in `chat.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+
+from ..errors import first_line
+from .runners import EagerRunner, StaticRunner, StaticSlot, slot_length, supports_logits_to_keep
+from .settings import DecodeSettings, choose_next, sampling_warpers
+
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows of a static slot; a batch is padded up to the next one
+WARM_UP_LENGTHS = (256, 512, 1024, 2048)  # one-row slots built when a model loads: chats of any usual length
+
+
+def graph_rows(rows: int) -> int | None:
+    return next((b for b in GRAPH_ROWS if b >= rows), None)
+
+
+class Decoder:
+    """Decoding for one model: the simple path always works; on CUDA, captured steps once built.
+
+    One batch at a time uses the static slots (they share the model's static
+    caches); a second concurrent request, or one arriving while the warm-up holds
+    them, runs on the simple path. A shape that fails to build (an architecture
+    whose forward cannot be recorded) turns the static path off for this model.
+    `static=True` on the CPU runs the same slots without capturing (tests use it).
+    """
+
+    def __init__(self, model, static: bool | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.static = on_cuda if static is None else static
+        self.capture = on_cuda  # CUDA graphs; elsewhere the static step runs eagerly
+        self.logits_to_keep = supports_logits_to_keep(model)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.stream = torch.cuda.Stream(self.device) if on_cuda else None  # this model's steps, beside another's
+        self.static_error: str | None = None  # why the static path is off, once it is
+        self._slots: dict[tuple[int, int], StaticSlot] = {}
+        self._lock = threading.Lock()  # held by the batch (or the warm-up) using the slots
+        self._queue: list[tuple[int, int]] = []  # shapes the warm-up thread is to build
+        self._queue_lock = threading.Lock()
+        self._warming = False  # a warm-up thread is working through the queue
+        self._warm_up: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- static slots
+
+    def start_warm_up(self, shapes: tuple[tuple[int, int], ...] | None = None) -> None:
+        """Build the one-row chat slots (or `shapes`) on a thread, unless built or queued already;
+        a no-op without the static path. One thread per decoder works through the queue."""
+        if not self.static or self.static_error:
+            return
+        if shapes is None:
+            shapes = tuple((1, slot_length(n, self.max_positions)) for n in WARM_UP_LENGTHS)
+        with self._queue_lock:
+            self._queue += [s for s in dict.fromkeys(shapes) if s not in self._slots and s not in self._queue]
+            if not self._queue or self._warming:
+                return
+            self._warming = True
+            self._warm_up = threading.Thread(target=self._build_queued, name="ruozhi-decode-warm-up", daemon=True)
+            self._warm_up.start()
+
+    def wait_warm_up(self, timeout: float | None = None) -> bool:
+        """True once no warm-up is running (tests and the benchmark wait; the app never does)."""
+        thread = self._warm_up
+        if thread is not None:
+            thread.join(timeout)
+        return not self._warming
+
+    def _build_queued(self) -> None:
+        try:
+            while True:
+                with self._queue_lock:  # the empty check and the end in one step: no shape is left behind
+                    if not self._queue or self.static_error:
+                        self._queue.clear()
+                        self._warming = False
+                        return
+                    shape = self._queue[0]
+                with self._lock:  # one shape at a time: a request between two may take the slots
+                    self._slot(shape)
+                with self._queue_lock:
+                    self._queue.remove(shape)
+        except BaseException:
+            with self._queue_lock:
+                self._warming = False
+            raise
+
+    def _slot(self, shape: tuple[int, int]) -> StaticSlot | None:
+        """The slot for `shape`, built (and captured) now if new; None once that has failed. Caller holds the lock."""
+        slot = self._slots.get(shape)
+        if slot is None and not self.static_error:
+            try:
+                with torch.no_grad():
+                    slot = StaticSlot(self.model, *shape, self.device, capture=self.capture,
+                                      logits_to_keep=self.logits_to_keep)
+            except Exception as e:  # an unsupported cache or an op that cannot be captured
+                self.static_error = first_line(e)
+                warnings.warn(f"static decoding is off for this model ({self.static_error}); "
+                              "it decodes on the simple path", stacklevel=2)
+                return None
+            self._slots[shape] = slot
+        return slot
+
+    def runner(self, rows: int, num_tokens: int, build_now: bool):
+        """A runner for `rows` prompts needing `num_tokens` cache slots each.
+
+        `build_now`: build a missing slot before answering (batches, which amortise
+        it); otherwise (a chat) answer on the simple path and build it behind.
+        """
+        if not self.static or self.static_error:
+            return EagerRunner(self.model, self.logits_to_keep)
+        shape = (graph_rows(rows), slot_length(num_tokens, self.max_positions))
+        if shape[0] is None or shape[1] < num_tokens or not self._lock.acquire(blocking=False):
+            return EagerRunner(self.model, self.logits_to_keep)
+        slot = self._slots.get(shape)
+        if slot is None and build_now:
+            slot = self._slot(shape)
+        if slot is None:
+            self._lock.release()
+            if not build_now:
+                self.start_warm_up((shape,))
+            return EagerRunner(self.model, self.logits_to_keep)
+        return StaticRunner(slot, release=self._lock.release)
+
+
+class Batch:
+    """One model decoding left-padded prompts: the prefill at the first `launch`, then a token per row per tick.
+
+    `launch` queues the work (on the model's CUDA stream) and `collect` waits for
+    the new tokens; between the two another model's step can be queued. A row ends
+    at its first end id (not kept in `tokens`) or at max_new_tokens.
+    """
+
+    def __init__(self, decoder: Decoder, prompts: list[list[int]], settings: DecodeSettings, build_now: bool = True):
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.decoder, self.settings, self.prompts = decoder, settings, prompts
+        rows = len(prompts)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]  # each row's answer so far
+        self.alive = [settings.max_new_tokens > 0] * rows
+        self.done = not any(self.alive)
+        self.steps = 0
+        self._eos = frozenset(settings.eos_token_ids)
+        self._warpers = sampling_warpers(settings) if settings.do_sample else []
+        self._seen = None  # (rows, V) bool: tokens each row has read or written, for the repetition penalty
+        self._next = None  # (rows,) the tokens chosen last, on the device
+        cuda = decoder.device.type == "cuda"
+        self._host = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
+        self._ready = torch.cuda.Event() if cuda else None
+        self.runner = None if self.done else decoder.runner(rows, max(map(len, prompts)) + settings.max_new_tokens,
+                                                            build_now)
+
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, T) left-padded ids and their mask on the device."""
+        width = max(map(len, self.prompts))
+        ids = torch.full((len(self.prompts), width), self.settings.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(self.prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(self.prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.decoder.device), mask.to(self.decoder.device)
+
+    def launch(self) -> None:
+        stream = self.decoder.stream
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            if self.steps == 0:
+                ids, mask = self._padded()
+                logits = self.runner.prefill(ids, mask)  # (rows, V)
+                if self.settings.repetition_penalty != 1.0:
+                    self._seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+                    self._seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)  # pads are not seen
+            else:
+                logits = self.runner.step(self._next)
+            self._next = choose_next(logits, self._seen, self.settings, self._warpers)  # (rows,)
+            if self._seen is not None:
+                self._seen.scatter_(1, self._next[:, None], True)
+            self._host.copy_(self._next, non_blocking=self._ready is not None)
+            if self._ready is not None:
+                self._ready.record(stream)
+
+    def collect(self) -> list[int]:
+        """The rows whose answer grew by a token this tick."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        grew = []
+        for row, token in enumerate(self._host.tolist()):
+            if not self.alive[row]:
+                continue
+            if token in self._eos:
+                self.alive[row] = False
+            else:
+                self.tokens[row].append(token)
+                grew.append(row)
+        self.steps += 1
+        if self.steps >= self.settings.max_new_tokens or not any(self.alive):
+            self.close()
+        return grew
+
+    def close(self) -> None:
+        self.done = True
+        if self.runner is not None:
+            self.runner.close()
+
+
+def advance_together(batches: list[Batch], cancel=None) -> Iterator[list[list[int]]]:
+    """One loop for several batches (both Compare panes, both A/B models): each tick steps every
+    unfinished batch once and yields, per batch, the rows that grew. Ends when all are done or
+    `cancel` is set; closing the generator, or an error, releases every batch's slot."""
+    try:
+        while cancel is None or not cancel.is_set():
+            live = [b for b in batches if not b.done]
+            if not live:
+                return
+            for batch in live:
+                batch.launch()
+            yield [batch.collect() if batch in live else [] for batch in batches]
+    finally:
+        for batch in batches:
+            batch.close()
+
+
+def decode_ids(decoder: Decoder, prompts: list[list[int]], settings: DecodeSettings, cancel=None) -> list[list[int]]:
+    """Every row's answer ids (end id excluded) for one batch, or the rows so far when cancelled."""
+    batch = Batch(decoder, prompts, settings)
+    for _ in advance_together([batch], cancel):
+        pass
+    return batch.tokens
