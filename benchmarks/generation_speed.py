@@ -90,8 +90,8 @@ def chat_ours(decoders, tokenizer, ids: list[int], settings) -> dict:
     width = len(tokenizer)
     t0 = time.perf_counter()
     batches = open_batches([(d, [ids], settings) for d in decoders], build_now=False)
-    paths = [("captured" if b.decoder.capture else "static") if isinstance(b.runner, StaticRunner) else "simple"
-             for b in batches]
+    static = "captured" if decoders[0].capture else "static"
+    paths = [static if isinstance(b.runner, StaticRunner) else "simple" for b in batches]
     texts = [IncrementalText(tokenizer) for _ in decoders]
     first, last, counts = [None] * len(decoders), [None] * len(decoders), [0] * len(decoders)
     for grown in advance_together(batches):
@@ -102,6 +102,7 @@ def chat_ours(decoders, tokenizer, ids: list[int], settings) -> dict:
                 counts[i] += 1
                 first[i] = first[i] or now
                 last[i] = now
+    paths = [p if b.switched_at is None else f"{p}>{static}@{b.switched_at}" for p, b in zip(paths, batches)]
     return pane_numbers(t0, first, last, counts) | {"path": "+".join(paths)}
 
 

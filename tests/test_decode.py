@@ -140,6 +140,22 @@ def test_a_chat_does_not_wait_for_a_missing_slot_it_is_built_behind(model, token
     assert isinstance(Batch(static, [ids], settings, build_now=False).runner, StaticRunner)
 
 
+def test_an_answer_begun_on_the_simple_path_moves_onto_the_slot_once_built_with_the_same_tokens(model, tokenizer):
+    settings = greedy(model, tokenizer, repetition_penalty=2.0)
+    static = Decoder(model, static=True)
+    ids = prompt(tokenizer, PROMPTS[0])
+    with static._lock:  # the slots are busy: the answer starts on the simple path, the build waits
+        chat = Batch(static, [ids], settings, build_now=False)
+        static.start_warm_up(((1, 256),))
+        ticks = advance_together([chat])
+        next(ticks), next(ticks)
+    assert isinstance(chat.runner, EagerRunner) and static.wait_warm_up(60)
+    for _ in ticks:
+        pass
+    assert chat.switched_at == 2 and isinstance(chat.runner, StaticRunner)
+    assert chat.tokens == decode_ids(Decoder(model), [ids], settings)
+
+
 # ---------------------------------------------------------------- one loop, Stop
 
 def test_one_loop_advances_both_models_a_token_each_per_tick(model, other_model, tokenizer):

@@ -100,6 +100,22 @@ def test_warm_up_captures_in_the_background_while_the_simple_path_answers():
     assert during == [expected] * 3 and run(batch) == expected
 
 
+def test_an_answer_begun_on_the_simple_path_finishes_on_the_captured_step_with_the_same_tokens():
+    model, rows, s = small_qwen2(torch.float32), prompts()[:1], settings()
+    decoder = Decoder(model)
+    with decoder._lock:  # slots busy: the answer starts on the simple path, the capture waits
+        batch = Batch(decoder, rows, s, build_now=False)
+        decoder.start_warm_up(((1, 256),))
+        ticks = advance_together([batch])
+        for _ in range(5):
+            next(ticks)
+    assert isinstance(batch.runner, EagerRunner) and decoder.wait_warm_up(120)
+    for _ in ticks:
+        pass
+    assert batch.switched_at == 5 and batch.runner.slot.graph is not None
+    assert batch.tokens == decode_ids(Decoder(model, static=False), rows, s)
+
+
 def test_both_panes_advance_in_one_loop_each_on_its_captured_step():
     models = [small_qwen2(torch.float32, seed) for seed in (0, 1)]
     decoders = [Decoder(m) for m in models]

@@ -8,7 +8,9 @@ left-padded prompts; `advance_together` steps every unfinished batch once per ti
 (all launched before any is read, each model on its own CUDA stream, so two models'
 steps overlap on the GPU) and yields which rows grew. No thread decodes: the
 caller's loop does, so Stop and a closed generator end it at once.
-Works in token ids only; text lives in `chat.py`.
+A batch that started on the simple path moves onto its static slot as soon as the
+warm-up has built it (`StaticSlot.adopt` copies the cache over). Works in token ids
+only; text lives in `chat.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from .settings import DecodeSettings, choose_next, sampling_warpers
 
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows of a static slot; a batch is padded up to the next one
 WARM_UP_LENGTHS = (256, 512, 1024, 2048)  # one-row slots built when a model loads: chats of any usual length
+# One CUDA graph capture at a time in the process: two decoders capturing at once (base and tuned warming
+# up together) failed on an H200 with "operation not permitted when stream is capturing". Eager decoding
+# on other threads during a capture is fine (thread_local capture mode).
+_CAPTURE_LOCK = threading.Lock()
 
 
 def graph_rows(rows: int) -> int | None:
@@ -106,7 +112,7 @@ class Decoder:
         slot = self._slots.get(shape)
         if slot is None and not self.static_error:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _CAPTURE_LOCK:
                     slot = StaticSlot(self.model, *shape, self.device, capture=self.capture,
                                       logits_to_keep=self.logits_to_keep)
             except Exception as e:  # an unsupported cache or an op that cannot be captured
@@ -117,16 +123,26 @@ class Decoder:
             self._slots[shape] = slot
         return slot
 
+    def shape_for(self, rows: int, num_tokens: int) -> tuple[int, int] | None:
+        """The static slot shape for `rows` prompts needing `num_tokens` slots each; None when none fits."""
+        shape = (graph_rows(rows), slot_length(num_tokens, self.max_positions))
+        return None if shape[0] is None or shape[1] < num_tokens else shape
+
+    def ready_runner(self, rows: int, num_tokens: int) -> StaticRunner | None:
+        """A StaticRunner if the slot is built and free right now (never builds, never waits)."""
+        shape = self.shape_for(rows, num_tokens) if self.static and not self.static_error else None
+        if shape is None or shape not in self._slots or not self._lock.acquire(blocking=False):
+            return None
+        return StaticRunner(self._slots[shape], release=self._lock.release)
+
     def runner(self, rows: int, num_tokens: int, build_now: bool):
         """A runner for `rows` prompts needing `num_tokens` cache slots each.
 
         `build_now`: build a missing slot before answering (batches, which amortise
         it); otherwise (a chat) answer on the simple path and build it behind.
         """
-        if not self.static or self.static_error:
-            return EagerRunner(self.model, self.logits_to_keep)
-        shape = (graph_rows(rows), slot_length(num_tokens, self.max_positions))
-        if shape[0] is None or shape[1] < num_tokens or not self._lock.acquire(blocking=False):
+        shape = self.shape_for(rows, num_tokens) if self.static and not self.static_error else None
+        if shape is None or not self._lock.acquire(blocking=False):
             return EagerRunner(self.model, self.logits_to_keep)
         slot = self._slots.get(shape)
         if slot is None and build_now:
@@ -163,8 +179,9 @@ class Batch:
         cuda = decoder.device.type == "cuda"
         self._host = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
         self._ready = torch.cuda.Event() if cuda else None
-        self.runner = None if self.done else decoder.runner(rows, max(map(len, prompts)) + settings.max_new_tokens,
-                                                            build_now)
+        self._num_tokens = max(map(len, prompts)) + settings.max_new_tokens  # cache slots a row needs
+        self.runner = None if self.done else decoder.runner(rows, self._num_tokens, build_now)
+        self.switched_at: int | None = None  # the step at which the simple path handed over to a static slot
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, T) left-padded ids and their mask on the device."""
@@ -186,6 +203,7 @@ class Batch:
                     self._seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
                     self._seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)  # pads are not seen
             else:
+                self._take_ready_slot()
                 logits = self.runner.step(self._next)
             self._next = choose_next(logits, self._seen, self.settings, self._warpers)  # (rows,)
             if self._seen is not None:
@@ -193,6 +211,18 @@ class Batch:
             self._host.copy_(self._next, non_blocking=self._ready is not None)
             if self._ready is not None:
                 self._ready.record(stream)
+
+    def _take_ready_slot(self) -> None:
+        """Simple path -> static slot mid-answer, once the warm-up has built one and it is free: the first
+        answer after a model loads starts at once on the simple path and finishes on the captured step."""
+        if not isinstance(self.runner, EagerRunner):
+            return
+        static = self.decoder.ready_runner(len(self.prompts), self._num_tokens)
+        if static is None:
+            return
+        static.slot.adopt(self.runner)
+        self.runner.close()
+        self.runner, self.switched_at = static, self.steps
 
     def collect(self) -> list[int]:
         """The rows whose answer grew by a token this tick."""

@@ -190,6 +190,22 @@ class StaticSlot:
                          past_key_values=self.cache, use_cache=True, **extra)
         return out.logits[:rows, -1].to(torch.float32, copy=True)
 
+    def adopt(self, eager: EagerRunner) -> None:
+        """Carry on a decoding the simple path began: its DynamicCache, real-token map and next positions
+        copied into this slot (dummy rows copy row 0), so the next `step` continues it exactly."""
+        rows, filled = eager.valid.shape
+        if rows > self.batch or filled >= self.length:
+            raise ValueError(f"{rows} rows of {filled} tokens do not fit a slot of {self.batch} x {self.length}")
+        pad_rows = self.batch - rows
+        for source, target in zip(eager.cache.layers, self.cache.layers):
+            for src, dst in ((source.keys, target.keys), (source.values, target.values)):  # (rows, H, filled, D)
+                dst[:rows, :, :filled].copy_(src)
+                dst[rows:, :, :filled].copy_(src[:1].expand(pad_rows, -1, -1, -1))
+            target.cumulative_length.fill_(filled)
+        self.valid.zero_()
+        self.valid[:, :filled] = torch.cat([eager.valid, eager.valid[:1].expand(pad_rows, -1)])
+        self.positions.copy_(torch.cat([eager.next_positions, eager.next_positions[:1].expand(pad_rows, -1)]))
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token for each of the first b rows; (b, V) logits (a view: read it before the next step)."""
         rows = tokens.shape[0]
