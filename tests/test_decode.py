@@ -156,6 +156,19 @@ def test_an_answer_begun_on_the_simple_path_moves_onto_the_slot_once_built_with_
     assert chat.tokens == decode_ids(Decoder(model), [ids], settings)
 
 
+def test_the_builder_gives_every_decoder_its_short_slot_before_any_long_one(model, other_model, monkeypatch):
+    from ruozhi_ui.decoding import engine
+
+    decoders, built, real = [Decoder(model, static=True), Decoder(other_model, static=True)], [], Decoder._slot
+    monkeypatch.setattr(Decoder, "_slot", lambda self, shape: built.append((decoders.index(self), shape[1]))
+                        or real(self, shape))
+    with engine._CAPTURE_LOCK:  # the builder starts on the first shape it was given, then waits here
+        for decoder in decoders:
+            decoder.start_warm_up(((1, 512), (1, 256)))
+    assert all(d.wait_warm_up(60) for d in decoders)
+    assert built == [(0, 256), (1, 256), (0, 512), (1, 512)]
+
+
 # ---------------------------------------------------------------- one loop, Stop
 
 def test_one_loop_advances_both_models_a_token_each_per_tick(model, other_model, tokenizer):

@@ -15,6 +15,8 @@ only; text lives in `chat.py`.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import warnings
 from contextlib import nullcontext
@@ -60,52 +62,19 @@ class Decoder:
         self.static_error: str | None = None  # why the static path is off, once it is
         self._slots: dict[tuple[int, int], StaticSlot] = {}
         self._lock = threading.Lock()  # held by the batch (or the warm-up) using the slots
-        self._queue: list[tuple[int, int]] = []  # shapes the warm-up thread is to build
-        self._queue_lock = threading.Lock()
-        self._warming = False  # a warm-up thread is working through the queue
-        self._warm_up: threading.Thread | None = None
 
     # ---------------------------------------------------------------- static slots
 
     def start_warm_up(self, shapes: tuple[tuple[int, int], ...] | None = None) -> None:
-        """Build the one-row chat slots (or `shapes`) on a thread, unless built or queued already;
-        a no-op without the static path. One thread per decoder works through the queue."""
-        if not self.static or self.static_error:
-            return
-        if shapes is None:
-            shapes = tuple((1, slot_length(n, self.max_positions)) for n in WARM_UP_LENGTHS)
-        with self._queue_lock:
-            self._queue += [s for s in dict.fromkeys(shapes) if s not in self._slots and s not in self._queue]
-            if not self._queue or self._warming:
-                return
-            self._warming = True
-            self._warm_up = threading.Thread(target=self._build_queued, name="ruozhi-decode-warm-up", daemon=True)
-            self._warm_up.start()
+        """Queue the one-row chat slots (or `shapes`) for the background builder, unless built or queued
+        already; a no-op without the static path."""
+        if self.static and not self.static_error:
+            WARM_UP.put(self, shapes or tuple((1, slot_length(n, self.max_positions)) for n in WARM_UP_LENGTHS))
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:
-        """True once no warm-up is running (tests and the benchmark wait; the app never does)."""
-        thread = self._warm_up
-        if thread is not None:
-            thread.join(timeout)
-        return not self._warming
-
-    def _build_queued(self) -> None:
-        try:
-            while True:
-                with self._queue_lock:  # the empty check and the end in one step: no shape is left behind
-                    if not self._queue or self.static_error:
-                        self._queue.clear()
-                        self._warming = False
-                        return
-                    shape = self._queue[0]
-                with self._lock:  # one shape at a time: a request between two may take the slots
-                    self._slot(shape)
-                with self._queue_lock:
-                    self._queue.remove(shape)
-        except BaseException:
-            with self._queue_lock:
-                self._warming = False
-            raise
+        """True once none of this decoder's slots is queued or being built (tests and the benchmark wait;
+        the app never does)."""
+        return WARM_UP.wait(self, timeout)
 
     def _slot(self, shape: tuple[int, int]) -> StaticSlot | None:
         """The slot for `shape`, built (and captured) now if new; None once that has failed. Caller holds the lock."""
@@ -153,6 +122,83 @@ class Decoder:
                 self.start_warm_up((shape,))
             return EagerRunner(self.model, self.logits_to_keep)
         return StaticRunner(slot, release=self._lock.release)
+
+
+class SlotBuilder:
+    """One background thread builds every decoder's queued slots, shortest first across decoders, so after
+    a load both Compare models get their common chat slot before either gets a rarer one. A decoder whose
+    slots are in use is skipped for now and retried (its batch may run for a while)."""
+
+    RETRY_S = 0.05  # wait before retrying when every queued decoder is busy
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list = []  # (slot length, rows, order, decoder, shape)
+        self._order = itertools.count()
+        self._building = None  # the decoder whose slot is being built now
+        self._running = False
+
+    def _queued(self, decoder) -> list:
+        return [entry for entry in self._heap if entry[3] is decoder]
+
+    def put(self, decoder: Decoder, shapes) -> None:
+        with self._cond:
+            queued = {entry[4] for entry in self._queued(decoder)}
+            for shape in dict.fromkeys(shapes):
+                if shape not in decoder._slots and shape not in queued:
+                    heapq.heappush(self._heap, (shape[1], shape[0], next(self._order), decoder, shape))
+            if self._heap and not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="ruozhi-decode-warm-up", daemon=True).start()
+
+    def wait(self, decoder: Decoder, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queued(decoder) and self._building is not decoder, timeout)
+
+    def _next(self):
+        """The first queued (decoder, shape) whose decoder is free, its lock taken; None when all are busy."""
+        for entry in sorted(self._heap):
+            decoder = entry[3]
+            if decoder.static_error or decoder._lock.acquire(blocking=False):
+                self._heap.remove(entry)
+                heapq.heapify(self._heap)
+                if decoder.static_error:
+                    return self._next()
+                return decoder, entry[4]
+        return None
+
+    def _run(self) -> None:
+        try:
+            self._build_until_empty()
+        except BaseException:  # _slot turns build errors into static_error; this is only for the unforeseen
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
+            raise
+
+    def _build_until_empty(self) -> None:
+        while True:
+            with self._cond:
+                found = self._next()
+                while found is None:
+                    if not self._heap:  # the end check and the stop in one step: nothing put is left behind
+                        self._running = False
+                        self._cond.notify_all()
+                        return
+                    self._cond.wait(self.RETRY_S)
+                    found = self._next()
+                decoder, shape = found
+                self._building = decoder
+            try:
+                decoder._slot(shape)
+            finally:
+                decoder._lock.release()
+                with self._cond:
+                    self._building = None
+                    self._cond.notify_all()
+
+
+WARM_UP = SlotBuilder()
 
 
 class Batch:
