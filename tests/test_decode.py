@@ -162,7 +162,7 @@ def test_the_builder_gives_every_decoder_its_short_slot_before_any_long_one(mode
     decoders, built, real = [Decoder(model, static=True), Decoder(other_model, static=True)], [], Decoder._slot
     monkeypatch.setattr(Decoder, "_slot", lambda self, shape: built.append((decoders.index(self), shape[1]))
                         or real(self, shape))
-    with engine._CAPTURE_LOCK:  # the builder starts on the first shape it was given, then waits here
+    with engine.CAPTURE_LOCK:  # the builder starts on the first shape it was given, then waits here
         for decoder in decoders:
             decoder.start_warm_up(((1, 512), (1, 256)))
     assert all(d.wait_warm_up(60) for d in decoders)

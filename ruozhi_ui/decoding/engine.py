@@ -32,8 +32,9 @@ GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows of a static slot; a batch is padde
 WARM_UP_LENGTHS = (256, 512, 1024, 2048)  # one-row slots built when a model loads: chats of any usual length
 # One CUDA graph capture at a time in the process: two decoders capturing at once (base and tuned warming
 # up together) failed on an H200 with "operation not permitted when stream is capturing". Eager decoding
-# on other threads during a capture is fine (thread_local capture mode).
-_CAPTURE_LOCK = threading.Lock()
+# on other threads during a capture is fine (thread_local capture mode). Any other code that captures
+# graphs in this process (the training steps) should hold this lock around its capture too.
+CAPTURE_LOCK = threading.Lock()
 
 
 def graph_rows(rows: int) -> int | None:
@@ -81,7 +82,7 @@ class Decoder:
         slot = self._slots.get(shape)
         if slot is None and not self.static_error:
             try:
-                with torch.no_grad(), _CAPTURE_LOCK:
+                with torch.no_grad(), CAPTURE_LOCK:
                     slot = StaticSlot(self.model, *shape, self.device, capture=self.capture,
                                       logits_to_keep=self.logits_to_keep)
             except Exception as e:  # an unsupported cache or an op that cannot be captured
