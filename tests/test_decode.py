@@ -272,6 +272,23 @@ def test_probe_answers_equal_compare_answers_from_the_same_weights(model, tokeni
                                     GenConfig(max_new_tokens=16, repetition_penalty=1.0))
 
 
+def test_probes_under_the_training_steps_causal_only_attention_equal_the_plain_models(model, tokenizer):
+    # The CUDA training step sets an attention implementation whose mask builder returns None
+    # (cuda/layers.py: use_causal_only_attention); the probes then run on that model. Left-padded
+    # batches carry their own 4D masks, so the answers stay those of the plain model.
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    gen = GenConfig(max_new_tokens=12, repetition_penalty=2.0)
+    plain = generate_batch(model, tokenizer, REFERENCE_PROMPTS, SYSTEM, gen)
+    AttentionInterface.register("test_causal_only", sdpa_attention_forward)
+    AttentionMaskInterface.register("test_causal_only", lambda *args, **kwargs: None)
+    model.set_attn_implementation("test_causal_only")
+    assert generate_batch(model, tokenizer, REFERENCE_PROMPTS, SYSTEM, gen) == plain
+    assert generate_batch(model, tokenizer, REFERENCE_PROMPTS, SYSTEM, gen, decoder=Decoder(model, static=True)) == plain
+
+
 def test_generate_batch_leaves_a_training_model_in_training_mode(model, tokenizer):
     model.train()
     generate_batch(model, tokenizer, ["你好"], SYSTEM, GenConfig(max_new_tokens=3))
