@@ -84,12 +84,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GenConfig:
+    """Decoding settings for probes, Compare and A/B. None means "the model's own": its
+    generation_config, or transformers' default where that leaves a value unset.
+    `decoding.resolve_settings` turns this into the settings a given model decodes with."""
+
     max_new_tokens: int = 151  # the reference's test setting
-    do_sample: bool = False  # greedy, like the reference's top_k=1
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
+    do_sample: bool | None = False  # greedy, like the reference's top_k=1; None = the model's (Qwen2.5-Instruct: True)
+    temperature: float | None = None  # sampling only; None = the model's (Qwen2.5-Instruct: 0.7)
+    top_p: float | None = None  # sampling only; None = the model's (Qwen2.5-Instruct: 0.8)
+    top_k: int | None = None  # sampling only, 0 = off; None = the model's (Qwen2.5-Instruct: 20)
+    repetition_penalty: float | None = None  # 1.0 = off; None = the model's (Qwen2.5-Instruct: 1.05)
+    eos_token_ids: tuple[int, ...] | None = None  # None = the model's end ids and the tokenizer's; () = never stop
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

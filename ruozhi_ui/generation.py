@@ -1,19 +1,19 @@
 """Generation for the Compare tab: a model cache, streaming answers, the A/B pair and table.
 
-Owns: loading each distinct set of weights once (a small LRU cache), turning a
-chat into the exact prompt training used (`encoding.render_prompt`), streaming
-one answer with a real stop, streaming two answers at once, and the batch A/B
-table with each model's validation loss. Knows nothing of Gradio: the UI only
-appends what these generators yield.
+Owns: loading each distinct set of weights once (a small LRU cache) with its
+`decoding.Decoder` (on CUDA its captured decode steps are built in the background
+as the model loads), checking a chat fits the model, streaming one answer or two
+at once with a real stop, the batch A/B table and each model's validation loss.
+Decoding itself (settings, batches, the one loop for both panes) is `decoding/`,
+the same engine the training probes use. Knows nothing of Gradio: the UI only
+shows what these generators yield.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +23,9 @@ from . import specs
 from .cache import LoadingLRU
 from .config import GenConfig, TrainConfig, load_config
 from .data import Record
-from .encoding import encode_records, end_of_turn_id, pad_id, render_prompt
+from .decoding import (DecodeSettings, Decoder, answer_in_batches, chat_prompt_ids, decode_ids, resolve_settings,
+                       stream_texts)
+from .encoding import encode_records, pad_id, render_prompt
 from .errors import GenerationError, ModelLoadError, first_line
 from .models import describe_spec, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
 
@@ -39,6 +41,11 @@ class LoadedModel:
     path: str  # what was loaded: a checkpoint folder, a local folder or a Hub id
     kind: str  # "base" | "full" | "lora"
     trained_from: str | None = None  # the base spec a checkpoint was trained from (run_config.json)
+    decoder: Decoder | None = field(default=None, compare=False)  # this model's decoding engine; made when None
+
+    def __post_init__(self):
+        if self.decoder is None:
+            object.__setattr__(self, "decoder", Decoder(self.model))
 
 
 # ---------------------------------------------------------------- models
@@ -99,9 +106,10 @@ def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> 
         if not trained_from:
             raise ModelLoadError(f"LoRA checkpoint '{path}' has no {RUN_CONFIG} naming its base model")
         # A second copy of the base under the adapter, not the cached base with
-        # `disable_adapter()`: Compare runs both models at once in two threads, and
-        # disabling an adapter is a switch on shared modules, so the base pane would
-        # race the tuned one. The price is the base's memory twice.
+        # `disable_adapter()`: Compare steps both models in one loop, interleaved, and
+        # disabling an adapter is a switch on shared modules (a captured step would
+        # also keep whichever modules ran when it was recorded). The price is the
+        # base's memory twice.
         from peft import PeftModel
 
         base = load_model(trained_from, device, dtype, trust_remote_code=trust_remote_code)
@@ -113,6 +121,14 @@ def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> 
         return LoadedModel(model.eval(), tokenizer, describe_checkpoint(path), str(path), "lora", trained_from)
     model = load_model(str(path), device, dtype, trust_remote_code=trust_remote_code).eval()
     return LoadedModel(model, tokenizer, describe_checkpoint(path), str(path), "full", trained_from)
+
+
+def _load_and_warm_up(spec: str, device: torch.device, trust_remote_code: bool) -> LoadedModel:
+    """Load, then start building the captured decode steps on a thread (CUDA only): the first
+    answer does not wait for them, it decodes on the simple path meanwhile."""
+    loaded = _load_uncached(spec, device, trust_remote_code)
+    loaded.decoder.start_warm_up()
+    return loaded
 
 
 def _cache_key(spec: str, device: torch.device, trust_remote_code: bool) -> tuple:
@@ -135,7 +151,7 @@ class ModelCache:
         spec = str(spec_or_path).strip()
         device = torch.device(device) if device is not None else pick_device()
         return self._lru.get(_cache_key(spec, device, trust_remote_code),
-                             lambda: _load_uncached(spec, device, trust_remote_code))
+                             lambda: _load_and_warm_up(spec, device, trust_remote_code))
 
     def clear(self) -> None:
         self._lru.clear()
@@ -158,7 +174,7 @@ def check_pair(base: LoadedModel, tuned: LoadedModel) -> None:
             "or pick a checkpoint trained from the current base")
 
 
-# ---------------------------------------------------------------- prompts
+# ---------------------------------------------------------------- prompts and settings
 
 def build_generation_prompt(tokenizer, message: str, history, system_prompt: str) -> str:
     """The chat as training renders it: same renderer, same system prompt rule."""
@@ -171,168 +187,101 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def prompt_ids(loaded: LoadedModel, message: str, history, system_prompt: str, gen: GenConfig) -> torch.Tensor:
-    """(1, T) prompt ids on the model's device; GenerationError when empty or too long."""
+def _check_message(message: str) -> None:
     if not message or not message.strip():
         raise GenerationError("The message is empty: type a question or pick an example")
-    text = build_generation_prompt(loaded.tokenizer, message, history, system_prompt)
-    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # (1, T)
+
+
+def _prompt(loaded: LoadedModel, message: str, history, system_prompt: str, gen: GenConfig) -> list[int]:
+    """Prompt ids; GenerationError when the message is empty or the prompt leaves no room for the answer."""
+    _check_message(message)
+    ids = chat_prompt_ids(loaded.tokenizer, message, history, system_prompt)
     context = getattr(loaded.model.config, "max_position_embeddings", None)
-    if context and ids.shape[1] > context - gen.max_new_tokens:
+    if context and len(ids) > context - gen.max_new_tokens:
         raise GenerationError(
-            f"The prompt is {ids.shape[1]} tokens, but {loaded.label} reads at most {context} tokens and "
+            f"The prompt is {len(ids)} tokens, but {loaded.label} reads at most {context} tokens and "
             f"{gen.max_new_tokens} are kept for the answer: shorten the message, clear the conversation, "
             "or lower max_new_tokens")
-    return ids.to(_device_of(loaded.model))
+    return ids
 
 
-def _generate_kwargs(loaded: LoadedModel, ids: torch.Tensor, gen: GenConfig) -> dict:
-    tok = loaded.tokenizer
-    stop_ids = sorted({end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
-                  do_sample=gen.do_sample, repetition_penalty=gen.repetition_penalty,
-                  eos_token_id=stop_ids, pad_token_id=pad_id(tok))
-    if gen.do_sample:  # greedy ignores these; passing them anyway only earns warnings
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-    return kwargs
+def prompt_ids(loaded: LoadedModel, message: str, history, system_prompt: str, gen: GenConfig) -> torch.Tensor:
+    """(1, T) prompt ids on the model's device; GenerationError when empty or too long."""
+    return torch.tensor([_prompt(loaded, message, history, system_prompt, gen)], device=_device_of(loaded.model))
+
+
+def settings_for(loaded: LoadedModel, gen: GenConfig) -> DecodeSettings:
+    """What `loaded` decodes with under `gen` (None fields: the model's generation_config)."""
+    return resolve_settings(loaded.model, loaded.tokenizer, gen)
+
+
+def describe_settings(loaded: LoadedModel, gen: GenConfig) -> str:
+    """One line for the UI: 'greedy · repetition penalty 1.05 (model) · stops at <|im_end|>, ... (model) · ...'."""
+    return settings_for(loaded, gen).describe()
 
 
 # ---------------------------------------------------------------- streaming
 
-class _StopOnEvent:
-    """A StoppingCriteria that ends generate() at the next token once `event` is set."""
-
-    def __init__(self, event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _EitherEvent:
-    """Set when either the caller's cancel or this stream's own event is; `set()` sets only its own."""
-
-    def __init__(self, outer, own: threading.Event):
-        self.outer, self.own = outer, own
-
-    def is_set(self) -> bool:
-        return self.outer.is_set() or self.own.is_set()
-
-    def set(self) -> None:
-        self.own.set()
-
-
-_thread_ids = itertools.count(1)
-
-
 def stream_answer(loaded: LoadedModel, message: str, history, system_prompt: str, gen: GenConfig,
                   cancel: threading.Event) -> Iterator[str]:
-    """Yield the answer so far after every decoded piece; setting `cancel` stops generate().
-
-    `cancel` is set when the generator ends for any reason (finished, closed by a
-    cancelled UI event, error), so pass a fresh Event per call.
-    """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    ids = prompt_ids(loaded, message, history, system_prompt, gen)
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = _generate_kwargs(loaded, ids, gen)
-    kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(cancel)]))
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            loaded.model.generate(**kwargs)
-        except BaseException as e:  # surfaced to the consumer below
-            failure.append(e)
-            streamer.end()  # generate() ends the streamer only when it returns normally
-
-    thread = threading.Thread(target=run, name=f"ruozhi-generate-{next(_thread_ids)}", daemon=True)
-    thread.start()
-    text = ""
+    """Yield the answer so far each time it grows; setting `cancel` (or closing the generator) stops decoding
+    before the next token. `cancel` is set when the generator ends for any reason: pass a fresh Event per call."""
     try:
-        for delta in streamer:
-            if delta:
-                text += delta
-                yield text
-        thread.join()
-        if failure:
-            raise GenerationError(f"Generation failed in {loaded.label}: {failure[0]}") from failure[0]
+        ids = _prompt(loaded, message, history, system_prompt, gen)
+        job = (loaded.decoder, loaded.tokenizer, ids, settings_for(loaded, gen))
+        for (text,) in stream_texts([job], cancel):
+            yield text
     finally:
         cancel.set()
-        thread.join()
 
 
 def stream_pair(base: LoadedModel, tuned: LoadedModel, message: str, history_base, history_tuned,
                 system_prompt: str, gen: GenConfig, cancel: threading.Event) -> Iterator[tuple[str, str]]:
-    """Yield (base_text, tuned_text) after every delta of either; each model runs in its own thread."""
-    if not message or not message.strip():
-        raise GenerationError("The message is empty: type a question or pick an example")
-    updates: queue.Queue = queue.Queue()  # (side, kind, value); unbounded, so producers never block
-
-    def pump(side: str, loaded: LoadedModel, history) -> None:
-        try:
-            for text in stream_answer(loaded, message, history, system_prompt, gen,
-                                      _EitherEvent(cancel, threading.Event())):
-                updates.put((side, "text", text))
-        except BaseException as e:
-            updates.put((side, "error", e))
-        finally:
-            updates.put((side, "done", None))
-
-    producers = [threading.Thread(target=pump, args=args, name=f"ruozhi-pair-{args[0]}", daemon=True)
-                 for args in (("base", base, history_base), ("tuned", tuned, history_tuned))]
-    for p in producers:
-        p.start()
-    texts, running = {"base": "", "tuned": ""}, len(producers)
+    """Yield (base_text, tuned_text) whenever either grew: both models advance in one loop, a token each per
+    tick (on CUDA each on its own stream, so their steps overlap). The last yield holds both finished answers."""
+    _check_message(message)
+    jobs = [(m.decoder, m.tokenizer, _prompt(m, message, history, system_prompt, gen), settings_for(m, gen))
+            for m, history in ((base, history_base), (tuned, history_tuned))]
     try:
-        while running:
-            side, kind, value = updates.get()
-            if kind == "text":
-                texts[side] = value
-                yield texts["base"], texts["tuned"]
-            elif kind == "error":
-                raise value
-            else:
-                running -= 1
+        yield from stream_texts(jobs, cancel)
     finally:
-        cancel.set()  # the other stream stops too when this one failed or the consumer left
-        for p in producers:
-            p.join()
+        cancel.set()
 
 
 # ---------------------------------------------------------------- batch A/B
 
-@torch.no_grad()
 def generate_answer(loaded: LoadedModel, message: str, system_prompt: str, gen: GenConfig,
                     history=()) -> tuple[str, int]:
-    """One complete answer, no streaming: (text, generated token count)."""
-    ids = prompt_ids(loaded, message, history, system_prompt, gen)
-    out = loaded.model.generate(**_generate_kwargs(loaded, ids, gen))
-    new = out[0, ids.shape[1]:]
-    return loaded.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+    """One complete answer, no streaming: (text, answer tokens, the end token not counted)."""
+    ids = _prompt(loaded, message, history, system_prompt, gen)
+    tokens = decode_ids(loaded.decoder, [ids], settings_for(loaded, gen))[0]
+    return loaded.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)
 
 
 def iter_batch_ab(base: LoadedModel, tuned: LoadedModel, prompts: list[str], references: list[str] | None,
                   system_prompt: str, gen: GenConfig, cancel: threading.Event | None = None) -> Iterator[dict]:
-    """One row per prompt as it is done; greedy whatever `gen` says, so tables are reproducible."""
+    """Rows as their batch finishes: prompts are length-sorted into batches of AB_BATCH_ROWS, both models
+    decode each batch in one loop. Rows come batch by batch, not in prompt order: each carries its
+    `index` in `prompts` (ascending within a batch). Greedy whatever `gen` says, so tables are reproducible."""
     greedy = dataclasses.replace(gen, do_sample=False)
     if references is not None and len(references) != len(prompts):
         raise GenerationError(f"{len(prompts)} prompts but {len(references)} references: give one per prompt")
-    for i, prompt in enumerate(prompts):
-        if cancel is not None and cancel.is_set():
-            return
-        base_answer, base_len = generate_answer(base, prompt, system_prompt, greedy)
-        tuned_answer, tuned_len = generate_answer(tuned, prompt, system_prompt, greedy)
-        yield {"prompt": prompt, "reference": references[i] if references else "",
-               "base_answer": base_answer, "tuned_answer": tuned_answer,
-               "base_len": base_len, "tuned_len": tuned_len}  # lengths in generated tokens
+    if not prompts:
+        return
+    models = (base, tuned)
+    prompt_lists = [[_prompt(m, p, (), system_prompt, greedy) for p in prompts] for m in models]
+    jobs = [(m.decoder, m.tokenizer, settings_for(m, greedy)) for m in models]
+    for indices, (base_answers, tuned_answers) in answer_in_batches(jobs, prompt_lists, cancel):
+        for i, (base_answer, base_len), (tuned_answer, tuned_len) in zip(indices, base_answers, tuned_answers):
+            yield {"index": i, "prompt": prompts[i], "reference": references[i] if references else "",
+                   "base_answer": base_answer, "tuned_answer": tuned_answer,
+                   "base_len": base_len, "tuned_len": tuned_len}  # lengths in answer tokens
 
 
 def batch_ab(base: LoadedModel, tuned: LoadedModel, prompts: list[str], references: list[str] | None,
              system_prompt: str, gen: GenConfig) -> list[dict]:
-    """Rows {prompt, reference, base_answer, tuned_answer, base_len, tuned_len}, one per prompt."""
-    return list(iter_batch_ab(base, tuned, prompts, references, system_prompt, gen))
+    """Rows {index, prompt, reference, base_answer, tuned_answer, base_len, tuned_len}, in prompt order."""
+    return sorted(iter_batch_ab(base, tuned, prompts, references, system_prompt, gen), key=lambda r: r["index"])
 
 
 def validation_loss(loaded: LoadedModel, records: list[Record], system_prompt: str, max_source_length: int,

@@ -240,7 +240,35 @@ def test_batch_ab_gives_one_row_per_prompt_with_both_answers(base, tuned):
     assert [r["prompt"] for r in rows] == prompts and [r["reference"] for r in rows] == refs
     for row, prompt in zip(rows, prompts):
         assert (row["base_answer"], row["base_len"]) == g.generate_answer(base, prompt, SYSTEM, GenConfig(max_new_tokens=8))
-        assert list(row) == g.AB_COLUMNS
+        assert (row["tuned_answer"], row["tuned_len"]) == g.generate_answer(tuned, prompt, SYSTEM, GenConfig(max_new_tokens=8))
+        assert list(row) == ["index", *g.AB_COLUMNS]
+    assert [r["index"] for r in rows] == [0, 1]
+
+
+def test_ab_rows_come_batch_by_batch_shortest_prompts_first_each_with_its_index(base, tuned, monkeypatch):
+    monkeypatch.setattr("ruozhi_ui.decoding.chat.AB_BATCH_ROWS", 2)
+    prompts = ["一二三四五六七八九十", "一", "一二三四五", "一二", "一二三四五六七"]
+    rows = list(g.iter_batch_ab(base, tuned, prompts, None, SYSTEM, GenConfig(max_new_tokens=4)))
+    assert [r["index"] for r in rows] == [1, 3, 2, 4, 0]
+    assert [r["prompt"] for r in rows] == [prompts[i] for i in (1, 3, 2, 4, 0)]
+
+
+def test_stop_during_ab_ends_it_without_the_unfinished_batch(base, tuned, monkeypatch):
+    monkeypatch.setattr("ruozhi_ui.decoding.chat.AB_BATCH_ROWS", 2)
+    cancel = threading.Event()
+    rows = []
+    for row in g.iter_batch_ab(base, tuned, ["一", "一二", "一二三", "一二三四"], None, SYSTEM,
+                               GenConfig(max_new_tokens=4), cancel):
+        rows.append(row["index"])
+        cancel.set()  # Stop pressed once the first rows are in
+    assert rows == [0, 1]
+
+
+def test_settings_line_names_each_value_and_where_it_came_from(base):
+    assert g.describe_settings(base, GenConfig()) == (
+        "greedy · no repetition penalty (model) · stops at <|im_end|> (model) · at most 151 new tokens")
+    assert g.describe_settings(base, GenConfig(max_new_tokens=20, repetition_penalty=1.1, eos_token_ids=())) == (
+        "greedy · repetition penalty 1.1 · never stops early · at most 20 new tokens")
 
 
 def test_validation_loss_of_one_record_equals_the_transformers_loss(base):
