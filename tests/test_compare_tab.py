@@ -108,10 +108,12 @@ def test_respond_streams_both_panes_titled_with_the_weights_used(runs, ctx):
     user = [{"role": "user", "content": PROMPT}]
     outputs = list(run_respond(ctx, NEW, user, user))
     base_hist, tuned_hist, base_title, tuned_title = outputs[-1]
-    assert base_title == "**Base model**　`base: demo (tiny offline model, random weights)`"
-    assert tuned_title == f"**Fine-tuned model**　`tuned: {NEW} (full, from demo)`"
     base, tuned = ctx.models.get("demo"), ctx.models.get(str(new))
     gen = GenConfig(max_new_tokens=12)
+    assert base_title.startswith("**Base model**　`base: demo (tiny offline model, random weights)`  \n"
+                                 "<small>Decoding: greedy · ")
+    assert tuned_title.startswith(f"**Fine-tuned model**　`tuned: {NEW} (full, from demo)`  \n<small>Decoding: ")
+    assert "stops at &lt;\\|im\\_end\\|&gt;" in base_title  # the end token shown as text, never as a tag
     assert base_hist == [*user, {"role": "assistant", "content": g.generate_answer(base, PROMPT, "你是一个有帮助的助手", gen)[0]}]
     assert tuned_hist[-1]["content"] == g.generate_answer(tuned, PROMPT, "你是一个有帮助的助手", gen)[0]
     texts = [o[0][-1]["content"] for o in outputs]

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..decoding.engine import CAPTURE_LOCK
 from ..encoding import IGNORE_INDEX
 from ..train.precision import set_lr, triton_available
 from .head_loss import LOSS_CHUNK, fused_head_chunk, head_chunk_loss_and_dlogits, step_loss_and_backward
@@ -224,7 +225,8 @@ class CudaGraphStep:
             return self._first_step(shape, static).detach(), step.num_tokens
         if shape not in self.graphs:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # a checkpoint may be writing
+            # one capture at a time in the process: Compare's decode warm-up captures too (decoding/engine.py)
+            with CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 loss = self._step(shape, static)
             self.pool = graph.pool()
             self.graphs[shape] = (graph, loss)

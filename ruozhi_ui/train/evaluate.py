@@ -11,10 +11,10 @@ import contextlib
 
 import torch
 
-from ..config import TrainConfig
+from ..config import GenConfig, TrainConfig
 from ..data import Record
 from ..encoding import collate_padded, pad_id, render_prompt
-from .loss import batch_loss_sum, label_positions
+from .loss import LabelLoss, batch_loss_sum, label_positions
 
 VAL_CHUNK = 512  # label positions per LM-head chunk: ~0.3 GB of fp32 logits at a time
 
@@ -41,9 +41,23 @@ def mean_label_loss(model, examples, pad_token_id: int, device, batch_size: int,
     return (total / max(count, 1)).item()
 
 
-@torch.no_grad()
 def generate_probes(model, tokenizer, cfg: TrainConfig, device) -> tuple[tuple[str, str], ...]:
-    """Greedy answers to the probe prompts, rendered exactly as training renders prompts."""
+    """The probe prompts' answers, as one batch through Compare's decoding engine with the same settings
+    (the model's own generation_config), so a probe answer is the answer Compare gives for those weights.
+    The engine's simple path: a captured decode step would keep a static KV cache beside the training
+    state. A model sharded by FSDP2 answers through its wrapper's `generate` (it gathers the shards)."""
+    from ..decoding import Decoder, generate_batch
+
+    gen = GenConfig(max_new_tokens=cfg.probe_max_new_tokens)
+    if isinstance(model, LabelLoss):
+        return sharded_probes(model, tokenizer, cfg, device)
+    answers = generate_batch(model, tokenizer, cfg.probe_prompts, cfg.data.system_prompt, gen,
+                             decoder=Decoder(model, static=False))
+    return tuple(zip(cfg.probe_prompts, answers))
+
+
+@torch.no_grad()
+def sharded_probes(model, tokenizer, cfg: TrainConfig, device) -> tuple[tuple[str, str], ...]:
     was_training = model.training
     model.eval()
     answers = []

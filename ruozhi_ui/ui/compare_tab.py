@@ -24,7 +24,7 @@ from ..i18n import t
 from ..models import fetch_model_files
 from ..policy import Visitor
 from ..runs import checkpoint_names, newest_final
-from .boundary import bind, user_errors
+from .boundary import bind, md_text, user_errors
 from .context import AppContext
 from .texts import T
 
@@ -112,18 +112,20 @@ def pending_message(history) -> str | None:
 
 
 def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty) -> GenConfig:
+    """A repetition penalty of 0 (the slider's left end, its default) means the model's own."""
     try:
+        penalty = float(repetition_penalty)
         gen = GenConfig(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
-                        top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty))
+                        top_p=float(top_p), top_k=int(top_k), repetition_penalty=None if penalty == 0 else penalty)
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(key="err.gen.numbers") from None
-    if not all(x == x and abs(x) != float("inf") for x in (gen.temperature, gen.top_p, gen.repetition_penalty)):
+    if not all(x == x and abs(x) != float("inf") for x in (gen.temperature, gen.top_p, penalty)):
         raise ConfigError(key="err.gen.finite")
     if gen.max_new_tokens < 1:
         raise ConfigError(key="err.gen.max_new_tokens")
     if gen.do_sample and not (gen.temperature > 0 and 0 < gen.top_p <= 1 and gen.top_k >= 0):
         raise ConfigError(key="err.gen.sampling")
-    if gen.repetition_penalty <= 0:
+    if penalty < 0:
         raise ConfigError(key="err.gen.repetition")
     return gen
 
@@ -239,6 +241,11 @@ def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, la
     return gr.skip()
 
 
+def with_settings(title: str, loaded, gen: GenConfig, lang: str) -> str:
+    """A pane's title and, under it, how that model decodes (its own generation_config unless overridden)."""
+    return f"{title}  \n<small>{t('compare.decoding', lang, settings=md_text(g.describe_settings(loaded, gen)))}</small>"
+
+
 @user_errors("compare.error")
 def respond(ctx: AppContext, base_history: list, tuned_history: list, base_spec: str, checkpoint: str | None,
             trust_remote_code: bool, system_prompt: str, max_new_tokens, do_sample, temperature, top_p, top_k,
@@ -253,7 +260,8 @@ def respond(ctx: AppContext, base_history: list, tuned_history: list, base_spec:
     gen = gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
     policy.check_generation(gen.max_new_tokens)
     base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
-    titles = (base_title(base_spec, lang), tuned_title(ctx, visitor, checkpoint, lang))
+    titles = (with_settings(base_title(base_spec, lang), base, gen, lang),
+              with_settings(tuned_title(ctx, visitor, checkpoint, lang), tuned, gen, lang))
     history_base, history_tuned = history_pairs(base_history[:-1]), history_pairs(tuned_history[:-1])
     for _, text in history_base + history_tuned:
         policy.check_text(text, "conversation", multiline=True)
@@ -367,12 +375,13 @@ def build(ctx: AppContext) -> CompareHandles:
             max_new_tokens = gr.Slider(1, ctx.policy.limits.max_new_tokens if ctx.policy.public else 1024,
                                        value=defaults.max_new_tokens, step=1, label=T("compare.max_new_tokens"))
             do_sample = gr.Checkbox(value=defaults.do_sample, label=T("compare.do_sample"))
-            repetition_penalty = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
+            repetition_penalty = gr.Slider(0.0, 2.0, value=0.0, step=0.01,  # 0: the model's own (generation_config)
                                            label=T("compare.repetition_penalty"))
         with gr.Row():
-            temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label=T("compare.temperature"))
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label=T("compare.top_p"))
-            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label=T("compare.top_k"))
+            # Sampling only (greedy by default); they start at Qwen2.5-Instruct's own values.
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label=T("compare.temperature"))
+            top_p = gr.Slider(0.05, 1.0, value=0.8, step=0.01, label=T("compare.top_p"))
+            top_k = gr.Slider(0, 200, value=20, step=1, label=T("compare.top_k"))
     # render_markdown=False: answers are shown as text, so an image or link a model writes fetches nothing
     chat = dict(height=420, buttons=["copy", "copy_all"], render_markdown=False)
     with gr.Row(equal_height=True):
