@@ -251,7 +251,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="dying with the parent is a Linux feature")
 def test_killing_the_app_leaves_no_workers(tmp_path):
-    app = ("import sys, time, dataclasses\n"
+    app = ("import sys, threading, time\n"
            "from ruozhi_ui.jobs import JobRunner\n"
            "from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig\n"
            "runner = JobRunner(runs_root=sys.argv[1])\n"
@@ -260,7 +260,7 @@ def test_killing_the_app_leaves_no_workers(tmp_path):
            "while not runner.snapshot().steps:\n"
            "    time.sleep(0.05)\n"
            "print('training', flush=True)\n"
-           "time.sleep(600)\n")
+           "threading.Event().wait()  # serve until killed, as the app does\n")
     proc = subprocess.Popen([sys.executable, "-c", app, str(tmp_path)], stdout=subprocess.PIPE,
                             cwd=TESTS.parent, env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
     try:

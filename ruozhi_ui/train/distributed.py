@@ -147,8 +147,6 @@ class DistributedStep(EagerStep):
     """The eager step with the global label count, the ranks' gradients averaged back into a sum, the
     loss reported as the global mean, and gradient sync only on the last micro-batch."""
 
-    description = "eager steps"
-
     def __init__(self, wrapped, model, optimizer, cfg, prec, pad_token_id: int, ranks: Ranks):
         super().__init__(wrapped, optimizer, cfg, prec, pad_token_id)
         self.ranks, self.params = ranks, [p for p in model.parameters() if p.requires_grad]
@@ -174,9 +172,8 @@ class DistributedStep(EagerStep):
         dist.all_reduce(total)  # every rank's share of the global mean: their sum is the step's loss
         return total
 
-    def clip(self) -> None:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        del norm  # a DTensor under FSDP2; clipping already used its global value
+    def clip(self) -> None:  # over the trainable parameters: under FSDP2 their shards, the norm still global
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
