@@ -4,7 +4,7 @@ Plain tab handlers where the behaviour lives in them; gradio_client against an a
 127.0.0.1 where it only exists through Gradio (session state, the queue, two clients).
 Every test waits on conditions with deadlines, never on timings. The engine-, data- and
 checkpoint-level cases live in test_faults.py, test_data.py, test_safety.py and
-test_large_inputs.py; the README's hardening table maps every case to its test.
+test_large_inputs.py; docs/testing.md's hardening table maps every case to its test.
 """
 
 import json
