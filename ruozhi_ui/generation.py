@@ -15,7 +15,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
@@ -39,7 +39,7 @@ class LoadedModel:
     tokenizer: object
     label: str  # the exact weights, as the UI shows them above a pane
     path: str  # what was loaded: a checkpoint folder, a local folder or a Hub id
-    kind: str  # "base" | "full" | "lora"
+    kind: Literal["base", "full", "lora"]
     trained_from: str | None = None  # the base spec a checkpoint was trained from (run_config.json)
     decoder: Decoder | None = field(default=None, compare=False)  # this model's decoding engine; made when None
 

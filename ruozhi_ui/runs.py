@@ -13,11 +13,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .checkpoints import CHECKPOINTS, FINAL, FINAL_MERGED, METRICS, RUN_CONFIG, list_checkpoints, read_events
 from .errors import PolicyError
 from .events import EvalDone, JobFailed, JobFinished, StepLogged
 
+# incomplete: the process ended without a last event
+RunStatus = Literal["finished", "stopped", "failed", "running", "incomplete"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class RunRecord:
     data: str
     method: str
     epochs: int
-    status: str  # finished | stopped | failed | running | incomplete (the process ended without a last event)
+    status: RunStatus
     final_val_loss: float | None
     best_val_loss: float | None
     duration_s: float | None
@@ -50,6 +53,7 @@ def read_run(folder: Path, active: bool = False) -> RunRecord | None:
     steps = tuple((e.step, e.loss) for e in events if isinstance(e, StepLogged))
     evals = tuple((e.step, e.val_loss) for e in events if isinstance(e, EvalDone))
     end = next((e for e in reversed(events) if isinstance(e, (JobFinished, JobFailed))), None)
+    status: RunStatus
     if end is None:
         status = "running" if active else "incomplete"
     else:

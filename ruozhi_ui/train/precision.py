@@ -20,6 +20,7 @@ import torch
 from ..anatomy import set_lr  # noqa: F401  (train/step.py takes it from here)
 from ..capabilities import triton_available
 from ..config import TrainConfig
+from ..events import PrecisionCode
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Precision:
     weight_dtype: torch.dtype  # dtype the model's weights are stored in
     autocast_dtype: torch.dtype | None  # None: no autocast
     stochastic_bf16_optimizer: bool
-    code: str  # "fp32" | "bf16" (bf16 weights, stochastic rounding) | "bf16-autocast": the page words it
+    code: PrecisionCode  # the page words it
     description: str  # the same in technical words, for the CLI and logs
     device_name: str
 
