@@ -109,3 +109,19 @@ def test_adamw_bf16_rounding_errors_average_out_where_round_to_nearest_would_sta
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="the Triton kernel needs a CUDA GPU")
 def test_adamw_bf16_triton_kernel_matches_torch_adamw_in_fp32_within_bf16_rounding():
     _assert_matches_reference(*_run_against_reference("cuda", fused_kernel=True))
+
+
+def test_set_lr_also_sets_the_device_copy_of_the_lr_that_a_captured_step_reads():
+    from ruozhi_ui.anatomy import set_lr
+
+    optimizer = AdamWBF16([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], lr=1e-3)
+    set_lr(optimizer, 2.5e-4)
+    assert optimizer.param_groups[0]["lr"] == 2.5e-4 and optimizer.lr_t.item() == torch.tensor(2.5e-4).item()
+
+
+def test_set_lr_sets_a_torch_optimizer_s_groups():
+    from ruozhi_ui.anatomy import set_lr
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+    set_lr(optimizer, 2.5e-4)
+    assert [g["lr"] for g in optimizer.param_groups] == [2.5e-4]
