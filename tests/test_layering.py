@@ -70,6 +70,8 @@ def package_imports() -> list[tuple[str, str, int]]:
                 targets = [".".join(base + [node.module])] if node.module else \
                     [".".join(base + [alias.name]) for alias in node.names]
                 found += [(module, target, node.lineno) for target in targets]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ruozhi_ui"):
+                found.append((module, node.module, node.lineno))
             elif isinstance(node, ast.Import):
                 found += [(module, alias.name, node.lineno) for alias in node.names if alias.name.startswith("ruozhi_ui")]
     return found
