@@ -1,18 +1,20 @@
-"""The runs folder: where runs live, their names, and atomic checkpoint folders.
+"""The run folder: its layout (the one place its file names are written), where runs live, their names,
+what makes a folder a checkpoint or resumable, reading its event log, and atomic checkpoint folders.
 
 Layout of one run:
-    <runs_root>/<run_name>/config.json      the TrainConfig as JSON
-                           metrics.jsonl    one JSON object per engine event
+    <runs_root>/<run_name>/config.json      the TrainConfig as JSON                    (RUN_CONFIG)
+                           metrics.jsonl    one JSON object per engine event (events)  (METRICS)
                            tb/              TensorBoard event files (Loss/train, Loss/val)
-                           checkpoints/epoch-1, epoch-2, ..., final
-A checkpoint is a `save_pretrained` folder (safetensors + tokenizer) plus
-`run_config.json` and `metrics.json`; the newest also holds `training_state.pt`
-(optimizer, scheduler, RNG, step) for resuming. Folders are written under a
-temporary name and renamed, so a checkpoint is never half-written.
+                           checkpoints/epoch-1, epoch-2, ..., final[, final-merged]
+A checkpoint is a `save_pretrained` folder (safetensors + tokenizer) plus `run_config.json`
+(CHECKPOINT_CONFIG) and `metrics.json`; the newest also holds `training_state.pt` (optimizer,
+scheduler, RNG, step) for resuming. Folders are written under a temporary name and renamed, so a
+checkpoint is never half-written. Knows nothing of torch: writing the weights is train/checkpointing.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,9 +23,22 @@ import unicodedata
 from pathlib import Path
 
 from .errors import ConfigError
+from .events import Event, event_from_json
 
 MAX_RUN_NAME = 64
-TRAINING_STATE = "training_state.pt"
+# a run folder
+RUN_CONFIG = "config.json"  # the run's TrainConfig
+METRICS = "metrics.jsonl"  # the run's events, one JSON object a line
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"  # the last checkpoint of a finished or stopped run
+FINAL_MERGED = "final-merged"  # LoRA merged into the base (save_merged)
+# a checkpoint folder
+CHECKPOINT_CONFIG = "run_config.json"  # the TrainConfig it was trained with
+CHECKPOINT_METRICS = "metrics.json"  # validation losses and the step it was saved at
+TRAINING_STATE = "training_state.pt"  # what resuming needs besides the weights (the newest checkpoint only)
+MODEL_CONFIG = "config.json"  # transformers' own: a full model's weights are here
+ADAPTER_CONFIG = "adapter_config.json"  # peft's own: a LoRA adapter is here
 UPLOADS_DIR = ".uploads"  # a runs folder's uploaded data files (a run name never starts with '.')
 VISITORS_DIR = ".visitors"  # public mode: one runs folder per visitor under here
 
@@ -105,7 +120,33 @@ def recover_checkpoints(checkpoints_dir: Path) -> list[str]:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    """A folder of loadable weights: a model (transformers' config.json) or a LoRA adapter. What the runs
+    folder lists and public mode lets a visitor pick."""
+    return (path / MODEL_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file()
+
+
+def is_run_checkpoint(path: Path) -> bool:
+    """A folder a run wrote, to load as tuned weights: the TrainConfig beside them (or a LoRA adapter, which
+    names its base). A plain model folder is not one: it loads as a base model."""
+    return path.is_dir() and ((path / CHECKPOINT_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file())
+
+
+def is_resumable(path: Path) -> bool:
+    """A checkpoint a run can continue from: its TrainConfig and its training state (the newest one only)."""
+    return (path / TRAINING_STATE).is_file() and (path / CHECKPOINT_CONFIG).is_file()
+
+
+def read_events(run_dir: Path) -> list[Event]:
+    """The events of a run's metrics.jsonl, in order; a line cut by a crash mid-write, or one this version
+    cannot read, is skipped."""
+    path = Path(run_dir) / METRICS
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            events.append(event_from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return events
 
 
 def list_checkpoints(root: Path | None = None) -> list[Path]:
@@ -113,5 +154,6 @@ def list_checkpoints(root: Path | None = None) -> list[Path]:
     root = root or runs_root()
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("*/checkpoints/*") if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)]
+    found = [p for p in root.glob(f"*/{CHECKPOINTS}/*")
+             if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

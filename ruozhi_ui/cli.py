@@ -107,13 +107,14 @@ def resume_config(args: argparse.Namespace, run_name: str | None):
     """`--resume CKPT`: the checkpoint's own settings, continued into a new run folder (`--output`, or
     `<run>-cont`). Flags that would change what the checkpoint was trained with are refused, all named in
     one line; only how long and where it runs may change."""
+    from .checkpoints import CHECKPOINT_CONFIG
     from .config import DataConfig, ModelConfig, TrainConfig, load_config, validate
     from .train.run import RESUMABLE_OVERRIDES
 
     path = Path(args.resume_from)
-    if not (path / "run_config.json").is_file():
-        raise ConfigError(f"--resume: '{path}' is not a checkpoint of a run (no run_config.json)")
-    saved = load_config(path / "run_config.json")
+    if not (path / CHECKPOINT_CONFIG).is_file():
+        raise ConfigError(f"--resume: '{path}' is not a checkpoint of a run (no {CHECKPOINT_CONFIG})")
+    saved = load_config(path / CHECKPOINT_CONFIG)
     conflicts = [f"--{name.replace('_', '-')}" for name, value in
                  [*_given(args, TrainConfig).items(), *_given(args, ModelConfig).items(),
                   *_given(args, DataConfig, exclude=_NOT_DATA).items()]

@@ -1,14 +1,23 @@
 """The small, frozen event objects through which progress leaves the engine.
 
 The engine calls `emit(event)` with these; `jobs.py` folds them into a snapshot
-for the UI, the CLI prints them, tests record them. Nothing here knows about
+for the UI, the CLI prints them, tests record them, `metrics.jsonl` keeps them as JSON
+(`event_to_json` / `event_from_json`). The string choices they carry are typed here
+(`Phase`, `EndStatus`, ...): the same strings go to JSON. Nothing here knows about
 threads, Gradio or torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Literal, Union
+
+Phase = Literal["training", "validating", "probing", "saving"]
+EndStatus = Literal["finished", "stopped"]  # how a run that did not fail ended
+PrecisionCode = Literal["fp32", "bf16", "bf16-autocast"]  # bf16: bf16 weights, stochastic rounding
+StepsCode = Literal["eager", "graphs", "graphs+fused", "graphs+compile"]
+EventKind = Literal["RunStarted", "StepLogged", "PhaseChanged", "PrecisionChanged", "EvalDone", "SampleGenerated",
+                    "CheckpointSaved", "JobFinished", "JobFailed"]  # the "event" of a JSON line: the class's name
 
 
 @dataclass(frozen=True)
@@ -23,8 +32,8 @@ class RunStarted:
     device: str  # e.g. "cuda (NVIDIA H100)" or "cpu"
     precision: str  # e.g. "bf16 weights, fp32 AdamW moments, stochastic rounding; CUDA graphs" (CLI, logs)
     start_step: int = 0  # > 0 when resumed
-    precision_code: str = ""  # "fp32" | "bf16" | "bf16-autocast": the page says it in plain words
-    steps_code: str = ""  # "eager" | "graphs" | "graphs+fused" | "graphs+compile"
+    precision_code: PrecisionCode | Literal[""] = ""  # the page says it in plain words ("": an older run's log)
+    steps_code: StepsCode | Literal[""] = ""
     resumed_from: str = ""  # the checkpoint a resumed run continues
 
 
@@ -44,7 +53,7 @@ class StepLogged:
 @dataclass(frozen=True)
 class PhaseChanged:
     step: int
-    phase: str  # "training" | "validating" | "probing" | "saving"
+    phase: Phase
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class PrecisionChanged:
     """The run changed how it computes mid-way (fast layers failed and were dropped): the page updates its line."""
     step: int
     precision: str  # the new description, as RunStarted.precision
-    steps_code: str  # the new RunStarted.steps_code
+    steps_code: StepsCode  # the new RunStarted.steps_code
     reason: str  # what failed, one line
 
 
@@ -81,7 +90,7 @@ class CheckpointSaved:
 
 @dataclass(frozen=True)
 class JobFinished:
-    status: str  # "finished" or "stopped"
+    status: EndStatus
     run_dir: str
     final_checkpoint: str
     elapsed_s: float
@@ -99,8 +108,9 @@ class JobFailed:
 
 Event = Union[RunStarted, StepLogged, PhaseChanged, PrecisionChanged, EvalDone, SampleGenerated, CheckpointSaved,
               JobFinished, JobFailed]
-EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepLogged, PhaseChanged, PrecisionChanged, EvalDone,
-                                              SampleGenerated, CheckpointSaved, JobFinished, JobFailed)}
+EVENT_TYPES: dict[EventKind, type] = {cls.__name__: cls for cls in (
+    RunStarted, StepLogged, PhaseChanged, PrecisionChanged, EvalDone, SampleGenerated, CheckpointSaved, JobFinished,
+    JobFailed)}
 
 
 def event_to_json(event: Event) -> dict:

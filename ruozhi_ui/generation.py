@@ -15,12 +15,13 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
 from . import specs
 from .cache import LoadingLRU
+from .checkpoints import ADAPTER_CONFIG, CHECKPOINT_CONFIG, is_run_checkpoint
 from .config import GenConfig, TrainConfig, load_config
 from .data import Record
 from .decoding import (DecodeSettings, Decoder, answer_in_batches, chat_prompt_ids, decode_ids, resolve_settings,
@@ -30,7 +31,6 @@ from .errors import GenerationError, ModelLoadError, first_line
 from .models import describe_spec, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
 
 MAX_CACHED_MODELS = 3  # base + tuned + one more to switch back to; each Qwen2.5-0.5B is ~2 GB in fp32
-RUN_CONFIG = "run_config.json"
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LoadedModel:
     tokenizer: object
     label: str  # the exact weights, as the UI shows them above a pane
     path: str  # what was loaded: a checkpoint folder, a local folder or a Hub id
-    kind: str  # "base" | "full" | "lora"
+    kind: Literal["base", "full", "lora"]
     trained_from: str | None = None  # the base spec a checkpoint was trained from (run_config.json)
     decoder: Decoder | None = field(default=None, compare=False)  # this model's decoding engine; made when None
 
@@ -50,13 +50,9 @@ class LoadedModel:
 
 # ---------------------------------------------------------------- models
 
-def is_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / RUN_CONFIG).is_file() or (path / "adapter_config.json").is_file())
-
-
 def checkpoint_config(path: str | Path) -> TrainConfig | None:
     """The TrainConfig a checkpoint was trained with, or None when it has no run_config.json."""
-    file = Path(path) / RUN_CONFIG
+    file = Path(path) / CHECKPOINT_CONFIG
     if not file.is_file():
         return None
     try:
@@ -77,7 +73,7 @@ def describe_checkpoint(path: str | Path, shown: str | None = None) -> str:
     shown = shown or str(path)
     if cfg is None:
         return f"tuned: {shown}"
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG).is_file():
         how = f"LoRA r={cfg.lora_rank} on {cfg.model.spec}"
     elif cfg.method == "lora":
         how = f"LoRA merged, from {cfg.model.spec}"
@@ -96,15 +92,15 @@ def _load_uncached(spec: str, device: torch.device, trust_remote_code: bool) -> 
         raise ModelLoadError(f"Checkpoint folder '{spec}' does not exist (deleted or moved?): "
                              "press refresh and pick another checkpoint")
     dtype = pick_dtype(device)
-    if not is_checkpoint_dir(path):
+    if not is_run_checkpoint(path):
         model = load_model(spec, device, dtype, trust_remote_code=trust_remote_code).eval()
         return LoadedModel(model, load_tokenizer(spec, trust_remote_code), describe_base(spec), spec, "base")
     cfg = checkpoint_config(path)
     trained_from = cfg.model.spec if cfg else None
     tokenizer = load_tokenizer(str(path), trust_remote_code)  # the checkpoint's own tokenizer
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG).is_file():
         if not trained_from:
-            raise ModelLoadError(f"LoRA checkpoint '{path}' has no {RUN_CONFIG} naming its base model")
+            raise ModelLoadError(f"LoRA checkpoint '{path}' has no {CHECKPOINT_CONFIG} naming its base model")
         # A second copy of the base under the adapter, not the cached base with
         # `disable_adapter()`: Compare steps both models in one loop, interleaved, and
         # disabling an adapter is a switch on shared modules (a captured step would

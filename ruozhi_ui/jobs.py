@@ -19,16 +19,17 @@ import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from .checkpoints import runs_root as default_runs_root
 from .config import TrainConfig, config_to_dict, validate
 from .errors import JobConflict, RuozhiError, first_line
-from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, PhaseChanged, PrecisionChanged,
+from .events import (CheckpointSaved, EvalDone, Event, JobFailed, JobFinished, Phase, PhaseChanged, PrecisionChanged,
                      RunStarted, SampleGenerated, StepLogged)
 from .policy import safe_text
 
-ACTIVE = ("starting", "running", "stopping")
+JobStatus = Literal["idle", "starting", "running", "stopping", "finished", "stopped", "failed"]
+ACTIVE: tuple[JobStatus, ...] = ("starting", "running", "stopping")
 LOCAL = "local"
 REMEMBERED_OWNERS = 64  # visitors whose last finished job stays on their page after another visitor starts
 
@@ -36,7 +37,7 @@ REMEMBERED_OWNERS = 64  # visitors whose last finished job stays on their page a
 @dataclass(frozen=True)
 class JobSnapshot:
     version: int  # bumps on every change
-    status: str  # idle | starting | running | stopping | finished | stopped | failed
+    status: JobStatus
     config: dict = field(default_factory=dict)
     run_dir: str = ""
     started: RunStarted | None = None
@@ -49,7 +50,7 @@ class JobSnapshot:
     started_at: float = 0.0  # time.time() when Start was accepted
     finished_at: float = 0.0
     owner: str = LOCAL  # who started it: "local" or a public visitor's id
-    phase: str = ""  # "training" | "validating" | "probing" | "saving" while it runs
+    phase: Phase | Literal[""] = ""  # while it runs
 
     @property
     def active(self) -> bool:

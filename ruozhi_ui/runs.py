@@ -1,10 +1,10 @@
 """Past runs, read back from a runs folder: what the Runs view lists and what Compare preselects.
 
-A run folder (see checkpoints.py) holds `config.json` and `metrics.jsonl`, one JSON
-object per engine event, written by the app and the CLI alike. `read_run` folds that
-file into a `RunRecord`: name, model, data, method, epochs, status, final and best
-validation loss, duration, when it finished, and its loss curve. Nothing here writes,
-except `delete_run`. Knows nothing of Gradio or torch.
+A run folder (its layout is checkpoints.py's) holds `config.json` and `metrics.jsonl`, one
+JSON object per engine event, written by the app and the CLI alike. `read_run` folds those
+events (read back as `events` objects) into a `RunRecord`: name, model, data, method, epochs,
+status, final and best validation loss, duration, when it finished, and its loss curve.
+Nothing here writes, except `delete_run`. Knows nothing of Gradio or torch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from .checkpoints import CHECKPOINTS, FINAL, FINAL_MERGED, METRICS, RUN_CONFIG, list_checkpoints, read_events
 from .errors import PolicyError
+from .events import EvalDone, JobFailed, JobFinished, StepLogged
 
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
+# incomplete: the process ended without a last event
+RunStatus = Literal["finished", "stopped", "failed", "running", "incomplete"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class RunRecord:
     data: str
     method: str
     epochs: int
-    status: str  # finished | stopped | failed | running | incomplete (the process ended without a last event)
+    status: RunStatus
     final_val_loss: float | None
     best_val_loss: float | None
     duration_s: float | None
@@ -39,45 +42,36 @@ class RunRecord:
     error: str = ""
 
 
-def _events(path: Path) -> list[dict]:
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash mid-write
-    return events
-
-
 def read_run(folder: Path, active: bool = False) -> RunRecord | None:
     """The record of one run folder, or None when it is not a run (no config.json)."""
     folder = Path(folder)
     try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        config = json.loads((folder / RUN_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    events = _events(folder / METRICS)
-    steps = tuple((e["step"], e["loss"]) for e in events if e.get("event") == "StepLogged")
-    evals = tuple((e["step"], e["val_loss"]) for e in events if e.get("event") == "EvalDone")
-    end = next((e for e in reversed(events) if e.get("event") in ("JobFinished", "JobFailed")), None)
+    events = read_events(folder)
+    steps = tuple((e.step, e.loss) for e in events if isinstance(e, StepLogged))
+    evals = tuple((e.step, e.val_loss) for e in events if isinstance(e, EvalDone))
+    end = next((e for e in reversed(events) if isinstance(e, (JobFinished, JobFailed))), None)
+    status: RunStatus
     if end is None:
         status = "running" if active else "incomplete"
     else:
-        status = end.get("status", "failed") if end["event"] == "JobFinished" else "failed"
+        status = end.status if isinstance(end, JobFinished) else "failed"
     finished_at = 0.0
     if end is not None:
-        finished_at = end.get("finished_at") or (folder / METRICS).stat().st_mtime
+        finished_at = end.finished_at or (folder / METRICS).stat().st_mtime
     losses = [v for _, v in evals if v == v]  # NaN-free
-    final = folder / "checkpoints" / "final"
+    final = folder / CHECKPOINTS / FINAL
     data = config.get("data", {})
     return RunRecord(
         name=folder.name, model=config.get("model", {}).get("spec", ""), data=data.get("source", ""),
         method=config.get("method", ""), epochs=int(config.get("epochs", 0)), status=status,
         final_val_loss=losses[-1] if losses else None, best_val_loss=min(losses) if losses else None,
-        duration_s=end.get("elapsed_s") if end and end["event"] == "JobFinished" else None,
+        duration_s=end.elapsed_s if isinstance(end, JobFinished) else None,
         finished_at=float(finished_at), steps=steps, evals=evals,
-        final_checkpoint=f"{folder.name}/checkpoints/final" if final.is_dir() else "",
-        resumed_from=config.get("resume_from", ""), error=end.get("error", "") if end else "")
+        final_checkpoint=f"{folder.name}/{CHECKPOINTS}/{FINAL}" if final.is_dir() else "",
+        resumed_from=config.get("resume_from", ""), error=end.error if isinstance(end, JobFailed) else "")
 
 
 def list_runs(root: Path, active_run: str = "") -> list[RunRecord]:
@@ -101,7 +95,7 @@ def delete_run(root: Path, name: str, active_run: str = "") -> None:
     """Remove a run folder under `root` (never the running one, never anything outside `root`)."""
     root = Path(root).resolve()
     folder = (root / name).resolve()
-    if folder.parent != root or name.startswith(".") or not (folder / CONFIG).is_file():
+    if folder.parent != root or name.startswith(".") or not (folder / RUN_CONFIG).is_file():
         raise PolicyError(key="err.runs.not_yours", name=name)
     if name == active_run:
         raise PolicyError(key="err.runs.running", name=name)
@@ -111,14 +105,12 @@ def delete_run(root: Path, name: str, active_run: str = "") -> None:
 def checkpoint_names(root: Path) -> list[str]:
     """Every complete checkpoint as `<run>/checkpoints/<name>`: the run that finished last first (not the
     folder that was touched last), and within a run `final` before its epochs, the latest epoch first."""
-    from .checkpoints import list_checkpoints
-
     root = Path(root)
     rank = {r.name: i for i, r in enumerate(list_runs(root))}
 
     def order(path: Path):
         name = path.name
-        within = (0, 0) if name == "final" else (1, 0) if name == "final-merged" else \
+        within = (0, 0) if name == FINAL else (1, 0) if name == FINAL_MERGED else \
             (2, -int(name.split("-")[-1])) if name.split("-")[-1].isdigit() else (3, 0)
         return rank.get(path.parent.parent.name, len(rank)), within, name
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 DEMO = "demo"
 SAMPLE = "sample"
@@ -21,6 +22,8 @@ HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 # One plain file of a Hub dataset: no folder, no glob, no scheme.
 HUB_DATA_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.(json|jsonl)$", re.IGNORECASE)
 DATA_SUFFIXES = (".json", ".jsonl")
+ModelKind = Literal["demo", "path", "hub", "invalid"]
+DataKind = Literal["sample", "upload", "hub", "path", "invalid"]
 
 
 def is_hub_id(text: str) -> bool:
@@ -39,7 +42,7 @@ def split_hub_dataset(source: str) -> tuple[str, str | None] | None:
     return repo, (data_file or None)
 
 
-def model_kind(spec: str, look_at_disk: bool = True) -> str:
+def model_kind(spec: str, look_at_disk: bool = True) -> ModelKind:
     """'demo', 'path' (a local folder or file) or 'hub'; 'invalid' when it is none of them."""
     spec = spec.strip()
     if spec.lower() == DEMO:
@@ -51,7 +54,7 @@ def model_kind(spec: str, look_at_disk: bool = True) -> str:
     return "path" if look_at_disk and spec else "invalid"
 
 
-def data_kind(source: str, look_at_disk: bool = True) -> str:
+def data_kind(source: str, look_at_disk: bool = True) -> DataKind:
     """'sample', 'upload', 'hub', 'path' (a local file) or 'invalid'."""
     source = source.strip()
     if source == SAMPLE:

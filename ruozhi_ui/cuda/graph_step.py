@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from ..decoding.engine import CAPTURE_LOCK
+from ..anatomy import set_lr
+from ..capabilities import CAPTURE_LOCK, triton_available
 from ..encoding import IGNORE_INDEX
-from ..train.precision import set_lr, triton_available
 from .head_loss import LOSS_CHUNK, fused_head_chunk, head_chunk_loss_and_dlogits, step_loss_and_backward
 from .layers import compiled_layers, fused_layers, use_causal_only_attention
 from .qwen2_layer import fusable
@@ -225,7 +225,7 @@ class CudaGraphStep:
             return self._first_step(shape, static).detach(), step.num_tokens
         if shape not in self.graphs:
             graph = torch.cuda.CUDAGraph()
-            # one capture at a time in the process: Compare's decode warm-up captures too (decoding/engine.py)
+            # one capture at a time in the process: Compare's decode warm-up captures too (capabilities.py)
             with CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 loss = self._step(shape, static)
             self.pool = graph.pool()

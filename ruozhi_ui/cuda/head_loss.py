@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..encoding import IGNORE_INDEX
-from ..train.loss import decoder_and_head
+from ..anatomy import decoder_and_head
 
 LOSS_CHUNK = 512  # label positions per LM-head chunk: 512 x 151,936 logits are 0.16 GB in bf16
 

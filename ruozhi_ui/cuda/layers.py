@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..train.loss import decoder_and_head
+from ..anatomy import decoder_and_head
 from .qwen2_layer import fused_layer_forward
 
 CAUSAL_ONLY = "ruozhi_causal_sdpa"  # attention implementation name registered below

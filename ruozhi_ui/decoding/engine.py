@@ -24,17 +24,13 @@ from typing import Iterator
 
 import torch
 
+from ..capabilities import CAPTURE_LOCK  # one graph capture at a time in the process
 from ..errors import first_line
 from .runners import EagerRunner, StaticRunner, StaticSlot, slot_length, supports_logits_to_keep
 from .settings import DecodeSettings, choose_next, sampling_warpers
 
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows of a static slot; a batch is padded up to the next one
 WARM_UP_LENGTHS = (256, 512, 1024, 2048)  # one-row slots built when a model loads: chats of any usual length
-# One CUDA graph capture at a time in the process: two decoders capturing at once (base and tuned warming
-# up together) failed on an H200 with "operation not permitted when stream is capturing". Eager decoding
-# on other threads during a capture is fine (thread_local capture mode). Any other code that captures
-# graphs in this process (the training steps) should hold this lock around its capture too.
-CAPTURE_LOCK = threading.Lock()
 
 
 def graph_rows(rows: int) -> int | None:

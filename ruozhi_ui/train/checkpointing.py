@@ -82,20 +82,20 @@ def save_checkpoint(model, tokenizer, cfg: TrainConfig, run_dir: Path, name: str
                     weights: dict | None = None, training_blob: dict | None = None) -> Path:
     """Write a loadable checkpoint folder atomically (temp folder, then rename); only the newest keeps the
     (large) training state. `weights`: a state dict to write instead of the live one (a background save)."""
-    final_path = run_dir / "checkpoints" / name
+    final_path = run_dir / ckpt.CHECKPOINTS / name
     tmp = ckpt.begin_checkpoint(final_path)
     try:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
-        save_config(cfg, tmp / "run_config.json")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+        save_config(cfg, tmp / ckpt.CHECKPOINT_CONFIG)
+        (tmp / ckpt.CHECKPOINT_METRICS).write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
         if training_blob is not None:
             torch.save(training_blob, tmp / ckpt.TRAINING_STATE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must never look like a checkpoint
         raise
     path = ckpt.commit_checkpoint(tmp, final_path)
-    for other in (run_dir / "checkpoints").iterdir():
+    for other in (run_dir / ckpt.CHECKPOINTS).iterdir():
         if other != path and (other / ckpt.TRAINING_STATE).exists():
             (other / ckpt.TRAINING_STATE).unlink()
     return path
@@ -105,7 +105,7 @@ def prune_epoch_checkpoints(run_dir: Path, keep: int) -> None:
     """Keep the `keep` newest `epoch-N` checkpoints (0 = all); `final` is never pruned."""
     if keep <= 0:
         return
-    epochs = sorted((p for p in (run_dir / "checkpoints").glob("epoch-*") if p.name.split("-")[-1].isdigit()),
+    epochs = sorted((p for p in (run_dir / ckpt.CHECKPOINTS).glob("epoch-*") if p.name.split("-")[-1].isdigit()),
                     key=lambda p: int(p.name.split("-")[-1]))
     for old in epochs[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -113,11 +113,11 @@ def prune_epoch_checkpoints(run_dir: Path, keep: int) -> None:
 
 def save_merged(model, tokenizer, cfg: TrainConfig, run_dir: Path) -> Path:
     """LoRA: base + adapter merged into a plain transformers model folder."""
-    final_path = run_dir / "checkpoints" / "final-merged"
+    final_path = run_dir / ckpt.CHECKPOINTS / ckpt.FINAL_MERGED
     tmp = ckpt.begin_checkpoint(final_path)
     model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "run_config.json")
+    save_config(cfg, tmp / ckpt.CHECKPOINT_CONFIG)
     return ckpt.commit_checkpoint(tmp, final_path)
 
 

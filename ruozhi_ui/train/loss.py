@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..anatomy import decoder_and_head
 from ..encoding import IGNORE_INDEX
 
 
@@ -26,12 +27,6 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = shifted.reshape(-1)
     positions = torch.nonzero(flat != IGNORE_INDEX, as_tuple=False).squeeze(1)  # (N,)
     return positions, flat[positions]
-
-
-def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body and the LM head, through a peft wrapper if there is one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.lm_head
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

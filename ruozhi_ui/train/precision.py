@@ -11,14 +11,16 @@ full SFT fits well under 8 GB.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import resource
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from ..anatomy import set_lr  # noqa: F401  (train/step.py takes it from here)
+from ..capabilities import triton_available
 from ..config import TrainConfig
+from ..events import PrecisionCode
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Precision:
     weight_dtype: torch.dtype  # dtype the model's weights are stored in
     autocast_dtype: torch.dtype | None  # None: no autocast
     stochastic_bf16_optimizer: bool
-    code: str  # "fp32" | "bf16" (bf16 weights, stochastic rounding) | "bf16-autocast": the page words it
+    code: PrecisionCode  # the page words it
     description: str  # the same in technical words, for the CLI and logs
     device_name: str
 
@@ -58,11 +60,6 @@ def choose_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     return Precision(device, torch.float32, None, False, "fp32", "fp32", "cpu")
 
 
-def triton_available() -> bool:
-    """The fused kernels and torch.compile's GPU backend are Triton; without it they stay off."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if prec.stochastic_bf16_optimizer:
@@ -70,14 +67,6 @@ def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Opti
                          fused_kernel=prec.device.type == "cuda" and triton_available())
     fused = prec.device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate for the next step (also on the GPU copy a captured graph reads)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if isinstance(optimizer, AdamWBF16):
-        optimizer.lr_t.fill_(lr)
 
 
 def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +85,7 @@ class AdamWBF16(torch.optim.Optimizer):
     elsewhere the same update runs as torch ops over slices of the flat buffers, so the fp32
     temporaries stay small (the 136 M-entry embedding of Qwen2.5-0.5B would need ~2 GB at once).
     Sync-free either way, so a CUDA graph can capture it: learning rate and step count live in
-    device tensors (`set_lr` updates the former). zero_grad zeroes in place: the grads keep their
+    device tensors (`anatomy.set_lr` updates the former). zero_grad zeroes in place: the grads keep their
     addresses, which captured graphs rely on.
     """
 

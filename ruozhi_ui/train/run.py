@@ -49,10 +49,10 @@ def resolve_resume(cfg: TrainConfig) -> TrainConfig:
         return cfg
     path = Path(cfg.resume_from)
     ckpt.recover_checkpoints(path.parent)
-    if not (path / ckpt.TRAINING_STATE).is_file() or not (path / "run_config.json").is_file():
+    if not ckpt.is_resumable(path):
         raise ConfigError(f"resume_from: '{path}' is not a resumable checkpoint (no {ckpt.TRAINING_STATE}); "
                           "pick the newest checkpoint of a run")
-    saved = load_config(path / "run_config.json")
+    saved = load_config(path / ckpt.CHECKPOINT_CONFIG)
     resumed = dataclasses.replace(saved, resume_from=str(path), **{k: getattr(cfg, k) for k in RESUMABLE_OVERRIDES})
     if resumed.gpus == saved.gpus:
         return resumed
@@ -244,7 +244,7 @@ class Run:
     # --- ending ---------------------------------------------------------------------------
     def finish(self, status: str) -> None:
         self.phase("saving")
-        self.final = self.checkpoint("final", final=True)
+        self.final = self.checkpoint(ckpt.FINAL, final=True)
         if status == "finished" and self.cfg.method == "lora" and self.cfg.save_merged and self.ranks.is_main:
             save_merged(self.model, self.tokenizer, self.cfg, self.run_dir)
         self.log(JobFinished(status=status, run_dir=str(self.run_dir), final_checkpoint=str(self.final),
@@ -317,7 +317,7 @@ def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
     run_dir, metrics_file, writer = Path(), None, None
     if ranks.is_main:
         run_dir, metrics_file = make_run_folder(cfg, root)
-        writer = tensorboard_writer(run_dir / "tb")
+        writer = tensorboard_writer(run_dir / ckpt.TENSORBOARD)
     if ranks.distributed:
         run_dir = Path(distributed.broadcast_text(str(run_dir), ranks))
     run = Run(cfg=cfg, prec=prec, tokenizer=tokenizer, train_ex=train_ex, val_ex=val_ex, model=model,
@@ -351,13 +351,13 @@ def start_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
 
 def make_run_folder(cfg: TrainConfig, root: Path):
     """A new run folder with its config and metrics log (a crash mid-save of an earlier run is repaired first)."""
-    for folder in root.glob("*/checkpoints"):  # a crash mid-save of an earlier run: put `final` back
+    for folder in root.glob(f"*/{ckpt.CHECKPOINTS}"):  # a crash mid-save of an earlier run: put `final` back
         ckpt.recover_checkpoints(folder)
     run_dir = ckpt.unique_run_dir(root, cfg.run_name)
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
-        return run_dir, open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        (run_dir / ckpt.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / ckpt.RUN_CONFIG)
+        return run_dir, open(run_dir / ckpt.METRICS, "a", encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"Cannot write the run folder '{run_dir}' ({e.strerror or e}); "
                           "check that the runs folder is writable and the disk has space") from None

@@ -8,17 +8,26 @@ learns whose request it serves (public mode) before it touches runs or uploads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from ..cache import LoadingLRU
-from ..generation import ModelCache
 from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import Policy, Visitor
 from .boundary import LastErrors
 
+if TYPE_CHECKING:
+    from ..generation import ModelCache
+
 DATA_CACHE_SIZE = 4  # loaded datasets (with their tokenizer) kept per app
+
+
+def _model_cache() -> ModelCache:
+    from ..generation import ModelCache  # imported late for start-up time: generation loads torch
+
+    return ModelCache()
 
 
 @dataclass
@@ -31,7 +40,7 @@ class AppContext:
     trust_remote_code: gr.Checkbox | gr.State | None = None  # top bar opt-in (local); public: a State nobody sets
     data_source: gr.Textbox | None = None  # "sample", "upload:<name>", a Hub id, or (local) a file path
     lang: gr.Radio | None = None  # "zh" | "en"
-    models: ModelCache = field(default_factory=ModelCache)  # Compare's loaded models
+    models: ModelCache = field(default_factory=_model_cache)  # Compare's loaded models
     data: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE))  # loaded datasets + tokenizer
     stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits
     errors: LastErrors = field(default_factory=LastErrors)  # each session's last user error, shown beside its action

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from .. import plots
-from ..checkpoints import TRAINING_STATE, sanitize_run_name
+from ..checkpoints import CHECKPOINT_CONFIG, is_resumable, sanitize_run_name
 from ..config import load_config
 from ..errors import ConfigError
 from ..i18n import t
@@ -108,9 +108,9 @@ def resumable_checkpoint(ctx: AppContext, name, token, request):
     if not record.final_checkpoint:
         return None, None
     path = ctx.policy.resolve_checkpoint(record.final_checkpoint, visitor)
-    if not (path / TRAINING_STATE).is_file() or not (path / "run_config.json").is_file():
+    if not is_resumable(path):
         return None, None
-    return path, load_config(path / "run_config.json")
+    return path, load_config(path / CHECKPOINT_CONFIG)
 
 
 def on_pick(ctx: AppContext, name, lang, token=None, request: gr.Request = None):
