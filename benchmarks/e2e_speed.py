@@ -14,8 +14,9 @@ the reference's. Runs:
   3. ours, LoRA: the same with `--method lora`
   4. ours, steps alone at a large batch (32 examples of ~1,000 tokens), in tokens/s, for comparison with the
      fastest published full fine-tune of this model (llm.q: 144k tok/s on one H100, bf16, batch 32)
-Our runs' time is split by the events they write to `metrics.jsonl`, stamped as they arrive: start-up (spawn to
-the run folder), setup (to RunStarted), training steps, validation, probes, saves, and exit. Prints a table,
+Our runs' time is split by the events they write to `metrics.jsonl`, stamped as they arrive: imports (Python
+start-up and the modules a run imports, timed alone in a fresh process), setup (the rest of spawn to RunStarted:
+data, tokenising, model load, kernels), training steps, validation, probes, saves, and exit. Prints a table,
 the lines `e2e_speedup=`, `lora_vs_full=`, `steps_tok_s_large_batch=`, then one JSON line.
 """
 
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-PHASES = ("startup", "setup", "training", "validating", "probing", "saving", "exit")
+PHASES = ("imports", "setup", "training", "validating", "probing", "saving", "exit")
 PUBLISHED_TOK_S = 144_000  # llm.q, Qwen2.5-0.5B full fine-tune, one H100, bf16, batch 32
 
 
@@ -43,7 +44,7 @@ class MetricsTail:
     """Stamps each line of a run's metrics.jsonl with the time it appeared (the file is flushed per event)."""
 
     def __init__(self, path: Path):
-        self.path, self.lines, self.created = path, [], None
+        self.path, self.lines = path, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
@@ -53,8 +54,6 @@ class MetricsTail:
         while True:
             stopping = self._stop.is_set()  # read once more after the stop, so the last lines are kept
             if self.path.exists():
-                if self.created is None:
-                    self.created = time.time()
                 with open(self.path, encoding="utf-8") as f:
                     f.seek(offset)
                     chunk = f.read()
@@ -72,14 +71,22 @@ class MetricsTail:
         return self.lines
 
 
-def breakdown(spawned: float, exited: float, tail: MetricsTail) -> dict:
+def import_seconds() -> float:
+    """A fresh process that imports what a training run imports, and nothing else."""
+    spawned = time.time()
+    subprocess.run([sys.executable, "-c", "import ruozhi_ui.cli, ruozhi_ui.launcher, ruozhi_ui.train, torch, transformers"],
+                   cwd=HERE.parent, check=True)
+    return time.time() - spawned
+
+
+def breakdown(spawned: float, exited: float, tail: MetricsTail, imports_s: float) -> dict:
     """Seconds per phase of one run, from its stamped events."""
     lines = tail.close()
     out = dict.fromkeys(PHASES, 0.0)
     started = next(t for t, e in lines if e["event"] == "RunStarted")
     finished = next(t for t, e in lines if e["event"] in ("JobFinished", "JobFailed"))
-    out["startup"] = (tail.created or started) - spawned
-    out["setup"] = started - (tail.created or started)
+    out["imports"] = imports_s
+    out["setup"] = started - spawned - imports_s
     phase, since = "training", started
     for t, e in lines:
         if e["event"] == "PhaseChanged":
@@ -96,7 +103,7 @@ def breakdown(spawned: float, exited: float, tail: MetricsTail) -> dict:
     return out
 
 
-def run_ours(ws: dict, out_dir: Path, name: str, extra: list[str]) -> dict:
+def run_ours(ws: dict, out_dir: Path, name: str, extra: list[str], imports_s: float) -> dict:
     run_dir = out_dir / name
     cmd = [sys.executable, "-m", "ruozhi_ui", "train", "--model", ws["model"], "--data", ws["data"],
            "--system-prompt", ws["system"], "--output", str(run_dir), *extra]
@@ -107,7 +114,7 @@ def run_ours(ws: dict, out_dir: Path, name: str, extra: list[str]) -> dict:
     if done.returncode != 0:
         tail.close()
         raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return breakdown(spawned, exited, tail)
+    return breakdown(spawned, exited, tail, imports_s)
 
 
 def run_reference(ws_file: Path, out_dir: Path) -> dict:
@@ -188,10 +195,11 @@ def main() -> None:
     ws_file.write_text(json.dumps(ws))
     epoch_flag = ["--epochs", str(epochs)] if smoke else []  # the default is 3
     device_flag = ["--device", "cpu"] if smoke else []
+    imports_s = import_seconds()
     results = {}
     for name, fn in (("reference", lambda: run_reference(ws_file, root)),
-                     ("ours_full", lambda: run_ours(ws, root, "full", epoch_flag + device_flag)),
-                     ("ours_lora", lambda: run_ours(ws, root, "lora", epoch_flag + device_flag + ["--method", "lora"]))):
+                     ("ours_full", lambda: run_ours(ws, root, "full", epoch_flag + device_flag, imports_s)),
+                     ("ours_lora", lambda: run_ours(ws, root, "lora", epoch_flag + device_flag + ["--method", "lora"], imports_s))):
         results[name] = fn()
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, __file__, "--large-batch-child", str(ws_file), str(root)],
