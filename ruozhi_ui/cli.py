@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="token-length statistics of a dataset (loads the tokenizer only)")
     common(s)
-    s.add_argument("--split", default="train", choices=["train", "val", "all"])
+    s.add_argument("--split", default="all", choices=["train", "val", "all"],
+                   help="all (default: the whole source, as the Data tab and the reference's table), train or val")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     t = sub.add_parser("train", help="fine-tune headlessly with the app's engine")
