@@ -288,7 +288,8 @@ def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
     d = cfg.data
-    splits = load_source(d.source, d.val_fraction, d.seed, uploads_dir=root / ckpt.UPLOADS_DIR)
+    splits = load_source(d.source, d.val_fraction, d.seed, uploads_dir=root / ckpt.UPLOADS_DIR, columns=d.columns,
+                         subset=d.subset, train_split=d.train_split, val_split=d.val_split)
     encode = lambda records: encode_records(tokenizer, records, d.system_prompt, d.max_source_length,
                                             d.max_target_length, train_all_turns=d.train_all_turns,
                                             label_truncated_end=d.label_truncated_end)

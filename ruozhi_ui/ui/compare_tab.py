@@ -315,7 +315,9 @@ def ab_prompts(ctx: AppContext, visitor: Visitor, source: str, limit, pasted: st
     data = cfg.data
     source = ctx.policy.check_data_source(data.source, visitor)
     records = load_source(source, data.val_fraction, data.seed, uploads_dir=visitor.uploads,
-                          max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None).val[:limit]
+                          max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None,
+                          columns=data.columns, subset=data.subset, train_split=data.train_split,
+                          val_split=data.val_split).val[:limit]
     return [r.instruction for r in records], [r.output for r in records], records
 
 
