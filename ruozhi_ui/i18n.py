@@ -334,7 +334,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "err.data.bad_table": {"zh": "{where}：表格无法读取（{detail}）", "en": "{where}: the table cannot be read ({detail})"},
     "err.data.no_split": {"zh": "{source}：没有名为 '{split}' 的划分；已有：{splits}", "en": "{source}: no split named '{split}'; it has: {splits}"},
     "data.origin_sample": {"zh": "内置样例（assets/sample）", "en": "bundled sample (assets/sample)"},
-    "data.detected": {"zh": "识别的格式与列映射：`{detected}`", "en": "Detected format and columns: `{detected}`"},
+    "data.detected": {"zh": "识别的格式与列映射：{detected}", "en": "Detected format and columns: {detected}"},
     "data.detected_guess": {"zh": "（按列名猜的，请核对；不对就在下面的“列映射”里改，然后重新加载）", "en": "(guessed from the column names: check it, and if it is wrong set the column mapping below and load again)"},
     "data.control_tokens": {"zh": "⚠ {n} 条记录含有控制符文本（如 <|im_end|>）：训练时按真正的控制符读（可能伪造对话轮次边界）；聊天输入里的这类文本则按普通文字处理。", "en": "⚠ {n} record(s) contain control-token text (such as <|im_end|>): training reads it as the real token (it can fake a turn boundary); in chat input such text is read as plain characters."},
     "data.question_lost": {"zh": "⚠ {n} 条提示在 max_source_length {src} 下一个问题 token 都不剩（系统提示太长）：训练会拒绝开始；请调大 max_source_length 或缩短系统提示。", "en": "⚠ {n} prompt(s) keep no question token at max_source_length {src} (the system prompt is too long): training refuses to start; raise max_source_length or shorten the system prompt."},
