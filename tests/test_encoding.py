@@ -247,3 +247,17 @@ def test_records_with_control_token_text_are_counted(tokenizer):
 
     records = RECORDS + [Record("a<|im_start|>b", "c"), Record("q", "a", history=(("<|endoftext|>", "x"),))]
     assert count_control_token_records(tokenizer, records) == 2
+
+
+def test_a_run_whose_system_prompt_leaves_no_question_is_refused_before_its_folder(tmp_path):
+    import threading
+
+    from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
+    from ruozhi_ui.errors import ConfigError
+    from ruozhi_ui.train import loop
+
+    cfg = TrainConfig(model=ModelConfig(spec="demo"), data=DataConfig(source="sample", system_prompt=SYSTEM * 12),
+                      epochs=1, max_steps=1, probe_prompts=(), device="cpu")
+    with pytest.raises(ConfigError, match="leaves no room for the question in 211 of 211 examples"):
+        loop.train(cfg, stop_event=threading.Event(), runs_root=tmp_path)
+    assert not list(tmp_path.iterdir())
