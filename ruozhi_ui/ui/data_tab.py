@@ -1,5 +1,6 @@
 """The Data tab: load a dataset, page and search it, see token-length statistics, inspect one example.
 
+What is shown (pages, tables, the inspector, summaries) is made by `data_views`.
 Loaded data (records + the model's tokenizer) and statistics live in the app
 context's caches, keyed by what identifies them (an upload by its visitor's file),
 so switching tabs or re-clicking Load does not re-read a file or re-download a Hub
@@ -10,7 +11,6 @@ connects events once the Train tab's max-length inputs exist.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,15 @@ from ..data import DatasetSplits, Record, load_source, parse_columns
 from ..errors import DataFormatError, PolicyError
 from ..i18n import DEFAULT_LANG, t
 from ..policy import Visitor, safe_file_name
-from .boundary import bind, md_code, md_text, show_errors_beside, user_errors
+from .boundary import bind, show_errors_beside, user_errors
 from .context import AppContext
+from .data_views import (empty_stats_table, filter_rows, inspect_record, preview_page, preview_table, split_choices,
+                         stats_table, summary_markdown, token_segments, truncation_markdown)
 from .texts import T
+
+__all__ = ["DataKey", "LoadedData", "build", "wire", "data_stats", "empty_stats_table", "filter_rows", "inspect_record",
+           "load_data", "preview_page", "preview_table", "stats_table", "summary_markdown", "token_segments",
+           "truncation_markdown", "split_choices"]
 
 PAGE_SIZES = (10, 20, 50, 100)
 SOURCE_KINDS = ("hub", "upload", "sample")
@@ -132,92 +138,6 @@ def save_upload(ctx: AppContext, visitor: Visitor, temp_path: str) -> str:
     return specs.UPLOAD_PREFIX + name
 
 
-def filter_rows(rows, query: str) -> list[int]:
-    """Indices of rows whose instruction or output contains `query` (case-insensitive)."""
-    q = (query or "").strip().lower()
-    if not q:
-        return list(range(len(rows)))
-    return [i for i, (_, r) in enumerate(rows) if q in r.instruction.lower() or q in r.output.lower()]
-
-
-def preview_page(rows, query: str, page: int, page_size: int, lang: str = DEFAULT_LANG
-                 ) -> tuple[list[list], int, int, int]:
-    """One page of [index, split, instruction, output]; page is clamped to 1..n_pages."""
-    matches = filter_rows(rows, query)
-    page_size = max(1, int(page_size))
-    n_pages = max(1, math.ceil(len(matches) / page_size))
-    page = min(max(1, int(page or 1)), n_pages)
-    chosen = matches[(page - 1) * page_size: page * page_size]
-    table = [[i, t(f"data.split_value_{rows[i][0]}", lang), rows[i][1].instruction, rows[i][1].output] for i in chosen]
-    return table, page, n_pages, len(matches)
-
-
-def token_segments(tokenizer, input_ids: list[int], labels: list[int], trained: str) -> list[tuple[str, str | None]]:
-    """(text, category) per token, category `trained` where the label is not IGNORE_INDEX.
-
-    A byte-level BPE token can hold part of a UTF-8 character; such tokens are joined
-    with the next ones until they decode to whole characters (never across a change
-    of category, which only happens at the prompt/answer boundary).
-    """
-    from ..encoding import IGNORE_INDEX
-
-    segments, pending, pending_cat = [], [], None
-    for tok, lab in zip(input_ids, labels):
-        cat = trained if lab != IGNORE_INDEX else None
-        if pending and cat != pending_cat:
-            segments.append((tokenizer.decode(pending), pending_cat))
-            pending = []
-        pending.append(tok)
-        pending_cat = cat
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd"):
-            segments.append((text, cat))
-            pending = []
-    if pending:
-        segments.append((tokenizer.decode(pending), pending_cat))
-    return segments
-
-
-def inspect_record(loaded: LoadedData, index: int, max_source_length: int, max_target_length: int,
-                   lang: str = "zh", system_prompt: str | None = None) -> tuple[str, list[tuple[str, str | None]], str]:
-    """What the model is trained on for row `index`: the exact text, tokens (trained ones marked), summary."""
-    from ..encoding import encode_record
-
-    if not 0 <= int(index) < len(loaded.rows):
-        raise DataFormatError(key="errors.row_index", n=len(loaded.rows) - 1)
-    _, record = loaded.rows[int(index)]
-    prompt = DataConfig().system_prompt if system_prompt is None else system_prompt
-    ex = encode_record(loaded.tokenizer, record, prompt, int(max_source_length), int(max_target_length))
-    text = loaded.tokenizer.decode(ex.input_ids)  # after truncation: exactly what is fed
-    segments = token_segments(loaded.tokenizer, ex.input_ids, ex.labels, t("data.inspect_trained", lang))
-    n_trained = sum(1 for lab in ex.labels if lab != -100)
-    summary = t("data.inspect_summary", lang, n=len(ex), n_trained=n_trained, n_prompt=ex.prompt_len)
-    if ex.history_len:  # the encoder bounds the last turn only: say which part is which
-        summary += " " + t("data.inspect_history", lang, n_history=ex.history_len,
-                           n_last=ex.prompt_len - ex.history_len, src=int(max_source_length))
-    if ex.prompt_truncated:
-        summary += " " + t("data.inspect_prompt_cut", lang, n=int(max_source_length))
-    if ex.answer_truncated:
-        summary += " " + t("data.inspect_answer_cut", lang, n=int(max_target_length))
-    return text, segments, summary
-
-
-def truncation_markdown(stats, lang: str) -> str:
-    text = t("data.truncation", lang, src=stats.max_source_length, tgt=stats.max_target_length,
-             prompt=stats.prompt_truncated_share, output=stats.output_truncated_share,
-             n_prompt=stats.prompt_truncated_count, n_output=stats.output_truncated_count,
-             any=stats.any_truncated_share, waste_ref=stats.padding_waste_reference,
-             waste_grouped=stats.padding_waste_grouped, n=stats.n, n_total=stats.n_total)
-    notes = []
-    if stats.history is not None:
-        notes.append(t("data.history_note", lang, mean=stats.history.mean, max=stats.history.max))
-    if stats.question_lost_count:
-        notes.append(t("data.question_lost", lang, n=stats.question_lost_count, src=stats.max_source_length))
-    if stats.control_token_count:
-        notes.append(t("data.control_tokens", lang, n=stats.control_token_count))
-    return "\n\n".join([text, *notes])
-
-
 def copy_suggested(suggested_source, suggested_target):
     """The 'use suggested lengths' button: copy both suggestions, or change nothing when absent."""
     if suggested_source is None or suggested_target is None:
@@ -242,21 +162,6 @@ def _loaded(ctx: AppContext, key: DataKey | None) -> LoadedData:
     return load_data(ctx, key)
 
 
-def summary_markdown(loaded: LoadedData, lang: str) -> str:
-    s = loaded.splits
-    origin = t("data.origin_sample", lang) if s.source == "sample" else s.origin
-    summary = t("data.summary", lang, origin=md_text(origin), n_train=len(s.train), n_val=len(s.val))
-    if s.detected:
-        summary += "\n\n" + t("data.detected", lang, detected=md_code(s.detected))
-        summary += " " + t("data.detected_guess", lang) if s.guessed else ""
-    return summary + ("\n\n" + "\n".join(f"- {md_text(n)}" for n in s.notes) if s.notes else "")
-
-
-def split_choices(names, lang: str) -> list[tuple[str, str]]:
-    """A split dropdown's choices: 'auto' (the default rule) and the source's own split names."""
-    return [(t("data.split_auto", lang), "")] + [(n, n) for n in names]
-
-
 @user_errors("errors.load_failed")
 def on_load(ctx: AppContext, source, model_spec, trust_remote_code, page_size, lang, token=None,
             columns="", subset="", train_split="", val_split="", request: gr.Request = None,
@@ -267,7 +172,7 @@ def on_load(ctx: AppContext, source, model_spec, trust_remote_code, page_size, l
     loaded = load_data(ctx, key)  # a failure leaves the outputs untouched: the earlier data stays on screen
     table, page, n_pages, n_matches = preview_page(loaded.rows, "", 1, page_size, lang)
     s = loaded.splits
-    return (loaded.key, len(s.train), summary_markdown(loaded, lang), _table(table, lang), page,
+    return (loaded.key, len(s.train), summary_markdown(loaded, lang), preview_table(table, lang), page,
             t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches), "", key.run_options())
 
 
@@ -279,18 +184,6 @@ def on_source_choices(ctx: AppContext, key, lang):
     return (gr.update(choices=[(n, n) for n in s.subsets], value=key.subset or (s.subsets[0] if s.subsets else "")),
             gr.update(choices=split_choices(s.splits, lang), value=key.train_split),
             gr.update(choices=split_choices(s.splits, lang), value=key.val_split))
-
-
-def stats_table(stats, lang: str) -> dict:
-    from ..stats import reference_table
-
-    headers = [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")]
-    rows = [[t(f"data.hist_{r[0]}", lang), r[1], r[2], round(r[3], 2), round(r[4], 1)] for r in reference_table(stats)]
-    return {"headers": headers, "data": rows}
-
-
-def empty_stats_table(lang: str) -> dict:
-    return {"headers": [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")], "data": []}
 
 
 def _checked(ctx: AppContext, key, system_prompt, max_source_length, max_target_length):
@@ -311,10 +204,6 @@ def on_stats(ctx: AppContext, key, split, system_prompt, max_source_length, max_
             stats.suggested_max_source_length, stats.suggested_max_target_length)
 
 
-def _table(rows, lang):
-    return {"headers": [t(f"data.col_{c}", lang) for c in ("index", "split", "instruction", "output")], "data": rows}
-
-
 @user_errors()
 def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0, request: gr.Request = None):
     loaded = _loaded(ctx, key)
@@ -325,7 +214,7 @@ def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0, requ
     except (TypeError, ValueError, OverflowError):
         page = 1
     table, page, n_pages, n_matches = preview_page(loaded.rows, query, page, page_size, lang)
-    return _table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
+    return preview_table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
 
 
 def on_search(ctx: AppContext, key, query, page, page_size, lang, request: gr.Request = None):
@@ -362,7 +251,7 @@ def on_relabel(ctx: AppContext, key, query, page, page_size, split, system_promp
     """A language switch: the data on screen re-rendered in the new language; before a load, the empty tables'
     headers and the inspector's legend. The inspector's summary is redone only if a row was inspected."""
     if not key:
-        return (gr.skip(), _table([], lang), gr.skip(), empty_stats_table(lang), gr.skip(), gr.skip(),
+        return (gr.skip(), preview_table([], lang), gr.skip(), empty_stats_table(lang), gr.skip(), gr.skip(),
                 inspector_tokens([], lang), gr.skip())
     loaded = load_data(ctx, key)
     table, page_info = on_preview(ctx, key, query, page, page_size, lang, request=request)[::2]
@@ -466,7 +355,7 @@ def build(ctx: AppContext) -> DataHandles:
                 prev_button = gr.Button("◀", size="sm", scale=0, min_width=60, elem_id="data-prev")
                 page_info = gr.Markdown(elem_id="data-page-info")
                 next_button = gr.Button("▶", size="sm", scale=0, min_width=60, elem_id="data-next")
-            preview = gr.Dataframe(value=_table([], lang), interactive=False, wrap=True, max_height=420,
+            preview = gr.Dataframe(value=preview_table([], lang), interactive=False, wrap=True, max_height=420,
                                    elem_id="data-preview", column_widths=["8%", "8%", "34%", "50%"])
         with gr.Accordion(T("data.stats_title"), open=True):
             stats_split = gr.Radio([(T("data.split_all"), "all"), (T("data.split_train"), "train")], value="all",
