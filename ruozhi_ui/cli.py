@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p):
-        p.add_argument("--data", dest="source", help="'sample', a .json/.jsonl file, or a Hub dataset id")
+        p.add_argument("--data", dest="source",
+                       help="'sample', a .json/.jsonl/.csv/.tsv/.parquet file, or a Hub dataset id")
+        p.add_argument("--columns", help="which field is which, e.g. instruction=question,output=answer or "
+                                         "format=sharegpt,user_tag=human (default: detected; see docs/datasets.md)")
+        p.add_argument("--subset", help="a Hub dataset's config (default: its default, or the first)")
+        p.add_argument("--train-split", help="the Hub split to train on (default: train, or the first)")
+        p.add_argument("--val-split", help="the Hub split to validate on (default: validation/valid/val/test, "
+                                           "else a held-out share)")
         p.add_argument("--model", dest="spec", help="Hub id, local folder, or 'demo'")
         p.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="run code shipped with the model (off unless given)")
@@ -55,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="token-length statistics of a dataset (loads the tokenizer only)")
     common(s)
-    s.add_argument("--split", default="train", choices=["train", "val", "all"])
+    s.add_argument("--split", default="all", choices=["train", "val", "all"],
+                   help="all (default: the whole source, as the Data tab and the reference's table), train or val")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     t = sub.add_parser("train", help="fine-tune headlessly with the app's engine")
@@ -143,7 +151,8 @@ def split_output(output: str | None, default_root: Path) -> tuple[Path, str | No
 def _load_split(cfg_data, split: str):
     from .data import load_source
 
-    splits = load_source(cfg_data.source, cfg_data.val_fraction, cfg_data.seed)
+    splits = load_source(cfg_data.source, cfg_data.val_fraction, cfg_data.seed, columns=cfg_data.columns,
+                         subset=cfg_data.subset, train_split=cfg_data.train_split, val_split=cfg_data.val_split)
     records = {"train": splits.train, "val": splits.val, "all": splits.train + splits.val}[split]
     return splits, records
 
@@ -164,7 +173,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats_to_dict(stats), ensure_ascii=False))
     else:
-        print(f"data: {splits.origin}, split {args.split}; tokenizer: {model_cfg.spec}")
+        print(f"data: {splits.origin}, split {args.split}; read as {splits.detected}"
+              f"{' (guessed from column names: check it, or set --columns)' if splits.guessed else ''}; "
+              f"tokenizer: {model_cfg.spec}")
         for note in splits.notes:
             print(f"note: {note}")
         print(format_table(stats))

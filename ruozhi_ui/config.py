@@ -36,7 +36,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = DEFAULT_DATASET  # Hub dataset id, a .json/.jsonl path, or "sample"
+    source: str = DEFAULT_DATASET  # Hub dataset id, a .json/.jsonl/.csv/.tsv/.parquet path, or "sample"
+    columns: str = ""  # which field is which, "instruction=question,output=answer" (data/formats.py); "" = detect
+    subset: str = ""  # a Hub dataset's config ("" = its default, or the first of several)
+    train_split: str = ""  # the Hub split to train on ("" = 'train', or the first)
+    val_split: str = ""  # the Hub split to validate on ("" = validation/valid/val/test, else a held-out val_fraction)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # same in training, stats and chat
     max_source_length: int = 62  # tokens of templated prompt; reference: i_95 32 + ~30 template
     max_target_length: int = 151  # tokens of answer before <|im_end|>; reference: o_95 151.6

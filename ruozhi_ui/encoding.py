@@ -13,14 +13,18 @@ Padding (right side only) or packing happens when examples become a batch.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import dataclasses
 import random
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .data import Record
+from .errors import ConfigError
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
@@ -32,6 +36,9 @@ class EncodedExample:
     prompt_len: int  # tokens before the first trained token
     prompt_truncated: bool
     answer_truncated: bool
+    history_len: int = 0  # prompt tokens of the earlier turns (on top of max_source_length)
+    user_kept: int = 0  # tokens of the last user text kept after truncation
+    user_len: int = 0  # tokens of the last user text before truncation
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -110,41 +117,161 @@ def batch_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     tokenizing itself."""
     if not texts:
         return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.truncation is not None or backend.padding is not None:
+    backend = _plain_backend(tokenizer)
+    if backend is None:
         return tokenizer(texts, add_special_tokens=False).input_ids
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _fixed_length(pieces, ids) -> int:
-    return sum(len(i) for (kind, _), i in zip(pieces, ids) if kind != "user")
+def _plain_backend(tokenizer):
+    """The fast tokenizer's Rust backend when it can be used as is (no truncation or padding set), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
 
 
-def _assemble(pieces, ids, end: int, max_source_length: int, train_all_turns: bool, history_length: int = 0):
-    """Prompt ids and labels from tokenized pieces, the last user text cut to fit max_source_length
-    (earlier turns, `history_length` tokens of them, come on top of it)."""
-    fixed = _fixed_length(pieces, ids) - history_length
-    prompt, labels, truncated = [], [], False
-    for (kind, _), piece in zip(pieces, ids):
+_LITERAL_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _literal_backend(tokenizer):
+    """A copy of the backend that reads control-token text (`<|im_start|>`) as plain text. A copy, because
+    transformers' `split_special_tokens` flips a switch on the shared backend, which a chat on another
+    thread would see."""
+    backend = _plain_backend(tokenizer)
+    if backend is None:
+        return None
+    literal = _LITERAL_BACKENDS.get(tokenizer)
+    if literal is None:
+        literal = copy.deepcopy(backend)
+        literal.encode_special_tokens = True
+        _LITERAL_BACKENDS[tokenizer] = literal
+    return literal
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The special tokens' texts (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` for Qwen): text containing
+    one becomes that control token when tokenised, as `apply_chat_template` does."""
+    return tuple(t for t in getattr(tokenizer, "all_special_tokens", ()) or () if t)
+
+
+def has_control_tokens(text: str, controls: tuple[str, ...]) -> bool:
+    return any(c in text for c in controls)
+
+
+def count_control_token_records(tokenizer, records: list[Record]) -> int:
+    """Records whose texts contain a control token's text: training keeps them as the real token (a row can
+    then inject a turn boundary), so the Data tab reports how many there are."""
+    controls = control_tokens(tokenizer)
+    if not controls:
+        return 0
+    def texts(r: Record):
+        yield r.instruction
+        yield r.output
+        yield r.system or ""
+        for user, assistant in r.history:
+            yield user
+            yield assistant
+    return sum(any(has_control_tokens(t, controls) for t in texts(r)) for r in records)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A rendered prompt's ids with the kind of piece each token starts in."""
+    ids: list[int]
+    kinds: list[str]  # per token: "template", "user" (the last user text) or "assistant" (an earlier answer)
+    history_len: int  # prompt tokens the earlier turns add (0 for a single turn)
+
+    @property
+    def last_turn_len(self) -> int:
+        """System prompt, last user text and assistant header: what max_source_length bounds."""
+        return len(self.ids) - self.history_len
+
+
+def _pieces_tokens(tokenizer, all_pieces: list[list[tuple[str, str]]], escape_control: bool
+                   ) -> list[tuple[list[int], list[str]]]:
+    """(ids, kind per token) for each rendered prompt.
+
+    A fast tokenizer reads each prompt whole, as `apply_chat_template(tokenize=True)` and the inference
+    prompt do (pieces tokenised apart can differ at their seams: 'user\n' + '\nq' is one token longer
+    than 'user\n\nq'), and each token takes the kind of the piece its first character is in. With
+    `escape_control`, the texts (not the template) of a prompt that contains control-token text are
+    tokenised apart, with that text read as plain characters.
+    """
+    backend = _plain_backend(tokenizer)
+    controls = control_tokens(tokenizer) if escape_control else ()
+    out: list = [None] * len(all_pieces)
+    whole = [i for i, ps in enumerate(all_pieces)
+             if backend is not None and not any(k != "template" and has_control_tokens(t, controls) for k, t in ps)]
+    if whole:
+        encodings = backend.encode_batch(["".join(t for _, t in all_pieces[i]) for i in whole],
+                                         add_special_tokens=False)
+        for i, enc in zip(whole, encodings):
+            starts, at = [], 0
+            for _, text in all_pieces[i]:
+                starts.append(at)
+                at += len(text)
+            kinds = [all_pieces[i][bisect.bisect_right(starts, start) - 1][0] for start, _ in enc.offsets]
+            out[i] = (list(enc.ids), kinds)
+    apart = [i for i in range(len(all_pieces)) if out[i] is None]
+    if apart:  # a slow tokenizer, or escaped control text: piece by piece
+        literal = _literal_backend(tokenizer) if controls else None
+        flat = [(k, t) for i in apart for k, t in all_pieces[i]]
+        plain = batch_token_ids(tokenizer, [t for _, t in flat])
+        if literal is not None:
+            plain = [e.ids if k != "template" and has_control_tokens(t, controls) else ids
+                     for (k, t), ids, e in zip(flat, plain, literal.encode_batch([t for _, t in flat],
+                                                                              add_special_tokens=False))]
+        at = 0
+        for i in apart:
+            ids, kinds = [], []
+            for (kind, _), piece in zip(all_pieces[i], plain[at:at + len(all_pieces[i])]):
+                ids += list(piece)
+                kinds += [kind] * len(piece)
+            at += len(all_pieces[i])
+            out[i] = (ids, kinds)
+    return out
+
+
+def prompt_tokens(tokenizer, records: list[Record], system_prompt: str,
+                  escape_control: bool = False) -> list[PromptTokens]:
+    """Every record's rendered prompt as ids, each token's kind, and how many tokens its history adds
+    (measured by rendering the last turn alone). One batch call to the tokenizer."""
+    pieces = [prompt_pieces(tokenizer, r, system_prompt) for r in records]
+    multi = [i for i, r in enumerate(records) if r.history]
+    single = [prompt_pieces(tokenizer, dataclasses.replace(records[i], history=()), system_prompt) for i in multi]
+    tokens = _pieces_tokens(tokenizer, pieces + single, escape_control)
+    history = dict(zip(multi, (len(tokens[i][0]) - len(t[0]) for i, t in zip(multi, tokens[len(records):]))))
+    return [PromptTokens(ids, kinds, history.get(i, 0)) for i, (ids, kinds) in enumerate(tokens[:len(records)])]
+
+
+def _assemble(p: PromptTokens, end: int, max_source_length: int | None, train_all_turns: bool):
+    """Prompt ids and labels, the last user text cut so that the last turn fits max_source_length (earlier
+    turns come on top of it, whole); returns (ids, labels, truncated, user tokens kept)."""
+    n_user = p.kinds.count("user")
+    keep = n_user if max_source_length is None else max(max_source_length - (p.last_turn_len - n_user), 0)
+    prompt, labels, seen_user, previous = [], [], 0, "template"
+    for token, kind in zip(p.ids, p.kinds):
         if kind == "user":
-            keep = max(max_source_length - fixed, 0)
-            truncated = len(piece) > keep
-            piece = piece[:keep]
-        labelled = kind == "assistant" and train_all_turns
-        if kind == "template" and labels and labels[-1] != IGNORE_INDEX and piece and piece[0] == end:
+            seen_user += 1
+            if seen_user > keep:
+                continue
+        if kind == "assistant" and train_all_turns:
+            labels.append(token)
+        elif token == end and previous == "assistant" and train_all_turns:
             labels.append(end)  # the end token right after an earlier answer is learnt with it
-            labels += [IGNORE_INDEX] * (len(piece) - 1)
         else:
-            labels += list(piece) if labelled else [IGNORE_INDEX] * len(piece)
-        prompt += piece
-    return prompt, labels, truncated
+            labels.append(IGNORE_INDEX)
+        prompt.append(token)
+        previous = kind
+    return prompt, labels, n_user > keep, min(n_user, keep)
 
 
 def encode_records(tokenizer, records: list[Record], system_prompt: str, max_source_length: int,
                    max_target_length: int, *, train_all_turns: bool = True,
                    label_truncated_end: bool = False) -> list[EncodedExample]:
-    """Training examples: prompt ids (the chat template's own, untruncated they equal
-    `apply_chat_template(..., add_generation_prompt=True)`), then the answer and the end-of-turn token.
+    """Training examples: prompt ids (untruncated, exactly `apply_chat_template(..., add_generation_prompt=True)`
+    tokenised), then the answer and the end-of-turn token.
 
     - Labels are on the answer and its end token; -100 elsewhere. With `train_all_turns` (default) the
       earlier assistant answers of a multi-turn record are labelled too, each with its end token.
@@ -153,31 +280,23 @@ def encode_records(tokenizer, records: list[Record], system_prompt: str, max_sou
       is never cut to its headers). max_target_length cuts the last answer.
     - An answer cut at max_target_length ends without the end token unless `label_truncated_end`: a label
       there would teach the model to stop mid-sentence.
+    - Control-token text inside a record (`<|im_end|>`) stays the control token, as `apply_chat_template`
+      reads it (the Data tab counts such records; chat input escapes it, see `prompt_ids`).
     All texts go to the tokenizer in one batch call (2,600 records in ~0.3 s here).
     """
     if not records:
         return []
-    pieces = [prompt_pieces(tokenizer, r, system_prompt) for r in records]
-    # A multi-turn record's last turn alone, to know how many prompt tokens its history adds.
-    single = [prompt_pieces(tokenizer, dataclasses.replace(r, history=()), system_prompt) if r.history else []
-              for r in records]
-    texts = [text for ps in pieces + single for _, text in ps] + [r.output for r in records]
-    ids = batch_token_ids(tokenizer, texts)
-    end, examples, at = end_of_turn_id(tokenizer), [], 0
-    answers = ids[len(ids) - len(records):]
-    piece_ids = []
-    for ps in pieces + single:
-        piece_ids.append(ids[at:at + len(ps)])
-        at += len(ps)
-    for i, full_answer in enumerate(answers):
-        ps, own = pieces[i], piece_ids[i]
-        history = _fixed_length(ps, own) - _fixed_length(single[i], piece_ids[len(records) + i]) if single[i] else 0
-        prompt, labels, prompt_truncated = _assemble(ps, own, end, max_source_length, train_all_turns, history)
+    prompts = prompt_tokens(tokenizer, records, system_prompt)
+    answers = batch_token_ids(tokenizer, [r.output for r in records])
+    end, examples = end_of_turn_id(tokenizer), []
+    for p, full_answer in zip(prompts, answers):
+        prompt, labels, prompt_truncated, user_kept = _assemble(p, end, max_source_length, train_all_turns)
         answer_truncated = len(full_answer) > max_target_length
         answer = full_answer[:max_target_length] + ([end] if label_truncated_end or not answer_truncated else [])
         examples.append(EncodedExample(
             input_ids=prompt + answer, labels=labels + answer, prompt_len=len(prompt),
-            prompt_truncated=prompt_truncated, answer_truncated=answer_truncated))
+            prompt_truncated=prompt_truncated, answer_truncated=answer_truncated,
+            history_len=p.history_len, user_kept=user_kept, user_len=p.kinds.count("user")))
     return examples
 
 
@@ -186,12 +305,35 @@ def encode_record(tokenizer, record: Record, system_prompt: str, max_source_leng
     return encode_records(tokenizer, [record], system_prompt, max_source_length, max_target_length, **options)[0]
 
 
-def encode_prompt(tokenizer, record: Record, system_prompt: str, max_source_length: int) -> tuple[list[int], bool]:
-    """Prompt ids for generation, cut as training cuts them (the user text, never the assistant header)."""
-    pieces = prompt_pieces(tokenizer, record, system_prompt)
-    ids = batch_token_ids(tokenizer, [text for _, text in pieces])
-    prompt, _, truncated = _assemble(pieces, ids, end_of_turn_id(tokenizer), max_source_length, False)
+def encode_prompt(tokenizer, record: Record, system_prompt: str, max_source_length: int | None,
+                  escape_control: bool = False) -> tuple[list[int], bool]:
+    """Prompt ids for generation, cut as training cuts them (the user text, never the assistant header);
+    `max_source_length` None: never cut."""
+    p = prompt_tokens(tokenizer, [record], system_prompt, escape_control)[0]
+    prompt, _, truncated, _ = _assemble(p, end_of_turn_id(tokenizer), max_source_length, False)
     return prompt, truncated
+
+
+def prompt_ids(tokenizer, record: Record, system_prompt: str, escape_control: bool = True) -> list[int]:
+    """A chat's prompt as ids, never cut. Chat input escapes control-token text by default: a visitor typing
+    `<|im_end|>` gets those characters, not a turn boundary (training data keeps the token, see above)."""
+    return prompt_tokens(tokenizer, [record], system_prompt, escape_control)[0].ids
+
+
+def questions_lost(examples: list[EncodedExample]) -> int:
+    """Examples whose question max_source_length cut away entirely (a long system prompt leaves no room)."""
+    return sum(1 for e in examples if e.user_len and not e.user_kept)
+
+
+def check_questions_kept(examples: list[EncodedExample], max_source_length: int, field: str = "max_source_length"
+                         ) -> None:
+    """Refuse a run in which the limit leaves some prompt no user text at all: it would learn answers to nothing."""
+    lost = [e for e in examples if e.user_len and not e.user_kept]
+    if lost:
+        template = max(e.prompt_len - e.history_len for e in lost)  # the last turn with its question cut away
+        raise ConfigError(f"{field} {max_source_length} leaves no room for the question in {len(lost)} of "
+                          f"{len(examples)} examples: the system prompt and chat template alone take "
+                          f"{template} tokens; raise {field} to at least {template + 32} or shorten the system prompt")
 
 
 def collate_padded(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from .data import Record
 from .decoding import (DecodeSettings, Decoder, answer_in_batches, chat_prompt_ids, decode_ids, resolve_settings,
                        stream_texts)
 from .encoding import encode_records, pad_id, render_prompt
+from .encoding import prompt_ids as record_ids
 from .errors import GenerationError, ModelLoadError, first_line
 from .models import describe_spec, load_model, load_tokenizer, pick_device, pick_dtype, resolve_spec
 
@@ -254,18 +255,35 @@ def generate_answer(loaded: LoadedModel, message: str, system_prompt: str, gen: 
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)
 
 
+def record_prompt_ids(loaded: LoadedModel, record: Record, system_prompt: str, gen: GenConfig) -> list[int]:
+    """A dataset record's prompt as training renders it: its history and its own system prompt (else
+    `system_prompt`), never cut; GenerationError when it leaves no room for the answer."""
+    ids = record_ids(loaded.tokenizer, record, system_prompt, escape_control=False)  # as training read it
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context and len(ids) > context - gen.max_new_tokens:
+        raise GenerationError(f"A validation prompt is {len(ids)} tokens, but {loaded.label} reads at most {context} "
+                              f"tokens and {gen.max_new_tokens} are kept for the answer: lower max_new_tokens")
+    return ids
+
+
 def iter_batch_ab(base: LoadedModel, tuned: LoadedModel, prompts: list[str], references: list[str] | None,
-                  system_prompt: str, gen: GenConfig, cancel: threading.Event | None = None) -> Iterator[dict]:
+                  system_prompt: str, gen: GenConfig, cancel: threading.Event | None = None,
+                  records: list[Record] | None = None) -> Iterator[dict]:
     """Rows as their batch finishes: prompts are length-sorted into batches of AB_BATCH_ROWS, both models
     decode each batch in one loop. Rows come batch by batch, not in prompt order: each carries its
-    `index` in `prompts` (ascending within a batch). Greedy whatever `gen` says, so tables are reproducible."""
+    `index` in `prompts` (ascending within a batch). Greedy whatever `gen` says, so tables are reproducible.
+    With `records` (one per prompt: validation data), each is asked as training rendered it, history and
+    own system prompt included."""
     greedy = dataclasses.replace(gen, do_sample=False)
     if references is not None and len(references) != len(prompts):
         raise GenerationError(f"{len(prompts)} prompts but {len(references)} references: give one per prompt")
     if not prompts:
         return
     models = (base, tuned)
-    prompt_lists = [[_prompt(m, p, (), system_prompt, greedy) for p in prompts] for m in models]
+    if records is not None:
+        prompt_lists = [[record_prompt_ids(m, r, system_prompt, greedy) for r in records] for m in models]
+    else:
+        prompt_lists = [[_prompt(m, p, (), system_prompt, greedy) for p in prompts] for m in models]
     jobs = [(m.decoder, m.tokenizer, settings_for(m, greedy)) for m in models]
     for indices, (base_answers, tuned_answers) in answer_in_batches(jobs, prompt_lists, cancel):
         for i, (base_answer, base_len), (tuned_answer, tuned_len) in zip(indices, base_answers, tuned_answers):
@@ -281,14 +299,17 @@ def batch_ab(base: LoadedModel, tuned: LoadedModel, prompts: list[str], referenc
 
 
 def validation_loss(loaded: LoadedModel, records: list[Record], system_prompt: str, max_source_length: int,
-                    max_target_length: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy over every label token of `records`: the training objective, no grad."""
+                    max_target_length: int, batch_size: int = 8, *, train_all_turns: bool = True,
+                    label_truncated_end: bool = False) -> float:
+    """Mean cross-entropy over every label token of `records`: the training objective, no grad, encoded with
+    the checkpoint's own settings (pass its DataConfig's limits and turn options)."""
     from .train.evaluate import mean_label_loss
 
     if not records:
         raise GenerationError("No validation records to score: the dataset has no validation split")
     tok = loaded.tokenizer
-    examples = encode_records(tok, records, system_prompt, max_source_length, max_target_length)
+    examples = encode_records(tok, records, system_prompt, max_source_length, max_target_length,
+                              train_all_turns=train_all_turns, label_truncated_end=label_truncated_end)
     return mean_label_loss(loaded.model, examples, pad_id(tok), _device_of(loaded.model), batch_size)
 
 

@@ -2,8 +2,8 @@
 
 A model spec is `demo`, a Hub id (`owner/name`) or a local folder. A dataset source
 is `sample`, `upload:<file name>` (a file uploaded into the visitor's uploads folder),
-a Hub dataset (`owner/name` or `owner/name@file.json|.jsonl`) or a local .json/.jsonl
-file. Pure string rules, except where the caller asks to look at the disk (local
+a Hub dataset (`owner/name` or `owner/name@file.json|.jsonl|.csv|.tsv|.parquet`) or a local
+.json/.jsonl/.csv/.tsv/.parquet file. Pure string rules, except where the caller asks to look at the disk (local
 mode: an existing folder named like a Hub id is a folder, as `from_pretrained` reads it).
 """
 
@@ -20,8 +20,8 @@ UPLOAD_PREFIX = "upload:"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
 HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 # One plain file of a Hub dataset: no folder, no glob, no scheme.
-HUB_DATA_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.(json|jsonl)$", re.IGNORECASE)
-DATA_SUFFIXES = (".json", ".jsonl")
+HUB_DATA_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.(json|jsonl|csv|tsv|parquet)$", re.IGNORECASE)
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")  # the files data/ reads
 ModelKind = Literal["demo", "path", "hub", "invalid"]
 DataKind = Literal["sample", "upload", "hub", "path", "invalid"]
 

@@ -26,6 +26,11 @@ def test_stats_prints_reference_table(demo_dir, capsys):
     assert out.index("instruction") < out.index("prompt") and "suggested (p95)" in out
 
 
+def test_stats_measures_the_whole_file_by_default_as_the_data_tab_does(demo_dir, capsys):
+    assert cli.main(["stats", "--data", "sample", "--model", "demo", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 183 + 28  # train.json + val.json
+
+
 def test_stats_json_prints_one_object_with_summaries(demo_dir, capsys):
     assert cli.main(["stats", "--data", "sample", "--model", "demo", "--json", "--split", "all"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -140,10 +140,10 @@ def test_non_utf8_bytes_report_their_line(tmp_path):
 
 
 def test_unsupported_extension_is_rejected(tmp_path):
-    path = tmp_path / "d.csv"
-    path.write_text("instruction,output\na,b\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"d\.csv: unsupported file type '\.csv'"):
-        load_source(str(path))
+    path = tmp_path / "d.xml"
+    path.write_text("<instruction>a</instruction>", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"d\.xml: unsupported file type '\.xml'"):
+        read_records_file(path)
 
 
 def test_file_over_size_limit_is_refused_before_parsing(tmp_path, monkeypatch):

@@ -90,6 +90,17 @@ def test_the_global_batch_is_the_one_process_batch():
         plan_epoch(lengths, dataclasses.replace(ONE, batch_size=8), 1)
 
 
+def test_every_rank_plans_the_same_number_of_micro_batches():
+    from ruozhi_ui.train.step import micro_batch_sizes
+
+    cfg = dataclasses.replace(ONE, batch_size=6, gpus=2, grad_accum_steps=2)
+    # the sample's last global batch, 3 examples split 2 / 1: one micro-batch on each rank (it was 2 vs 1)
+    assert [micro_batch_sizes(n, 3, cfg) for n in (2, 1)] == [[2], [1]]
+    assert [micro_batch_sizes(n, 12, cfg) for n in (6, 6)] == [[3, 3], [3, 3]]
+    cfg4 = dataclasses.replace(cfg, grad_accum_steps=4)
+    assert [micro_batch_sizes(n, 13, cfg4) for n in (7, 6)] == [[2, 2, 2, 1], [2, 2, 1, 1]]
+
+
 @pytest.mark.parametrize("change,message", [
     ({"gpus": 0}, "gpus must be between 1 and 64"),
     ({"shard": "zero3"}, "shard must be 'auto', 'ddp' or 'fsdp'"),
@@ -182,6 +193,17 @@ def test_an_fsdp_run_resumes_in_one_process_with_its_global_batch(root, one_proc
     sink = ListSink()
     loop.train(cfg, emit=sink, stop_event=threading.Event(), runs_root=root)
     assert losses(sink) == pytest.approx(losses(one_process[1])[3:], abs=1e-5)
+
+
+def test_an_uneven_last_batch_with_accumulation_finishes_on_two_ranks_as_in_one_process(root):
+    """The sample's 183 examples in global batches of 12 end with 3, split 2 / 1 between the ranks; with
+    grad_accum_steps 2 each rank once planned its own micro-batches (2 vs 1) and DDP waited forever."""
+    one = dataclasses.replace(ONE, batch_size=12, grad_accum_steps=2, max_steps=0, run_name="accum-one")
+    sink = ListSink()
+    loop.train(one, emit=sink, stop_event=threading.Event(), runs_root=root)
+    final, two = on_ranks(dataclasses.replace(one, batch_size=6, gpus=2, shard="ddp", run_name="accum-two"), root)
+    assert final is not None and len(losses(two)) == 16
+    assert losses(two) == pytest.approx(losses(sink), abs=1e-5)
 
 
 # --- the process model ------------------------------------------------------------------------------------------

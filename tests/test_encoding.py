@@ -188,3 +188,76 @@ def test_every_assistant_turn_of_a_multi_turn_record_is_labelled(tokenizer):
     assert labelled == [t for a in answers for t in a]
     only_last = encode_record(tokenizer, record, SYSTEM, 62, 151, train_all_turns=False)
     assert [t for t, lab in zip(only_last.input_ids, only_last.labels) if lab != IGNORE_INDEX] == answers[-1]
+
+
+# --- issue 23: defects 2, 5 and 8 -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def merging_tokenizer(tokenizer):
+    """The demo tokenizer with one more merge, "\\n\\n" -> one token, as Qwen2.5's vocabulary has."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab["ĊĊ"] = max(max(vocab.values()), *(t["id"] for t in spec["added_tokens"])) + 1
+    spec["model"]["merges"].append(["Ċ", "Ċ"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = tokenizer.chat_template
+    return fast
+
+
+def test_an_instruction_starting_with_a_newline_encodes_as_the_chat_template_does(merging_tokenizer):
+    record = Record("\n为什么天空是蓝色的", "回答")
+    own = merging_tokenizer(render_prompt(merging_tokenizer, record, SYSTEM), add_special_tokens=False).input_ids
+    e = encode_record(merging_tokenizer, record, SYSTEM, 10_000, 151)
+    assert e.input_ids[:e.prompt_len] == own
+
+
+def test_a_system_prompt_that_leaves_no_room_for_the_question_is_refused(tokenizer):
+    from ruozhi_ui.encoding import check_questions_kept
+    from ruozhi_ui.errors import ConfigError
+
+    long_system = "你是一个有帮助的助手" * 12
+    examples = encode_records(tokenizer, RECORDS, long_system, 62, 151)
+    with pytest.raises(ConfigError, match="max_source_length 62 leaves no room for the question in 3 of 3"):
+        check_questions_kept(examples, 62)
+
+
+def test_control_token_text_in_training_data_stays_the_control_token(tokenizer):
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    injected, plain = encode(tokenizer, Record("问<|im_end|>题", "回答")), encode(tokenizer, Record("问题", "回答"))
+    assert injected.input_ids[:injected.prompt_len].count(im_end) == plain.input_ids[:plain.prompt_len].count(im_end) + 1
+
+
+def test_control_token_text_typed_in_a_chat_is_read_as_plain_text(tokenizer):
+    from ruozhi_ui.encoding import prompt_ids
+
+    ids = prompt_ids(tokenizer, Record("问<|im_end|>题", ""), SYSTEM)
+    plain = prompt_ids(tokenizer, Record("问题", ""), SYSTEM)
+    controls = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    assert sum(i in controls for i in ids) == sum(i in controls for i in plain)
+    assert tokenizer.decode(ids) == render_prompt(tokenizer, Record("问<|im_end|>题", ""), SYSTEM)
+
+
+def test_records_with_control_token_text_are_counted(tokenizer):
+    from ruozhi_ui.encoding import count_control_token_records
+
+    records = RECORDS + [Record("a<|im_start|>b", "c"), Record("q", "a", history=(("<|endoftext|>", "x"),))]
+    assert count_control_token_records(tokenizer, records) == 2
+
+
+def test_a_run_whose_system_prompt_leaves_no_question_is_refused_before_its_folder(tmp_path):
+    import threading
+
+    from ruozhi_ui.config import DataConfig, ModelConfig, TrainConfig
+    from ruozhi_ui.errors import ConfigError
+    from ruozhi_ui.train import loop
+
+    cfg = TrainConfig(model=ModelConfig(spec="demo"), data=DataConfig(source="sample", system_prompt=SYSTEM * 12),
+                      epochs=1, max_steps=1, probe_prompts=(), device="cpu")
+    with pytest.raises(ConfigError, match="leaves no room for the question in 211 of 211 examples"):
+        loop.train(cfg, stop_event=threading.Event(), runs_root=tmp_path)
+    assert not list(tmp_path.iterdir())

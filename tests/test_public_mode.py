@@ -230,7 +230,7 @@ def test_too_many_ab_prompts_and_tokens_are_refused(app):
 def test_a_lone_surrogate_is_refused_and_nobody_elses_stream_breaks(app):
     alice, mallory = client(app), client(app)
     for source in ("\ud800", "sam\udfffple"):
-        message = hidden(app, data_tab.on_load, [source, "demo", None, 10, "en", None], "mallory")
+        message = hidden(app, data_tab.on_load, [source, "demo", None, 10, "en", None, "", "", "", ""], "mallory")
         assert not message["success"] and "lone surrogate" in message["error"]
     start = fn_index(app.demo, train_tab.on_start)
     named = raw_call(app.url, start, raw_inputs(app.demo, start, run_name="x\ud800", model="demo",
@@ -239,7 +239,8 @@ def test_a_lone_surrogate_is_refused_and_nobody_elses_stream_breaks(app):
     bad_file = upload(app, "surrogate.json", b'[{"instruction": "a\\ud800", "output": "b"}]')
     loaded = hidden(app, data_tab.on_upload, [{"path": bad_file, "meta": {"_type": "gradio.FileData"}}, None], "m")
     assert loaded["success"]
-    refused_file = hidden(app, data_tab.on_load, ["upload:surrogate.json", "demo", None, 10, "en", None], "m")
+    refused_file = hidden(app, data_tab.on_load, ["upload:surrogate.json", "demo", None, 10, "en", None,
+                                                  "", "", "", ""], "m")
     assert not refused_file["success"]
     assert ("surrogate.json: record 0: field 'instruction' contains an invalid character (lone surrogate U+D800)"
             in refused_file["error"])

@@ -146,3 +146,23 @@ def test_statistics_count_the_answers_that_will_be_cut(tokenizer):
     stats = compute_stats(records, tokenizer, "你是一个有帮助的助手", 62, 20)
     assert (stats.output_truncated_count, stats.prompt_truncated_count) == (2, 0)
     assert "answer 66.7% (2: trained without the end token)" in format_table(stats)
+
+
+# --- issue 23 defect 3: multi-turn records are measured the way the encoder cuts them ---------------
+# "[S][xyz][uvw][ab]>" is 18 characters; the last turn alone, "[S][ab]>", 8: the history adds 10.
+DIALOGUE = [Record(instruction="ab", output="o", history=(("xyz", "uvw"),))]
+
+
+def test_a_multi_turn_prompt_is_its_last_turn_with_the_history_apart():
+    st = compute_stats(DIALOGUE, CharTokenizer(), "S", max_source_length=9, max_target_length=12)
+    assert (st.lengths["prompt"], st.lengths["history"], st.lengths["total"]) == ([8], [10], [20])
+
+
+def test_a_dialogue_whose_last_turn_fits_is_not_counted_as_truncated():
+    st = compute_stats(DIALOGUE, CharTokenizer(), "S", max_source_length=9, max_target_length=12)
+    assert (st.prompt_truncated_count, st.suggested_max_source_length) == (0, 8)
+
+
+def test_the_history_has_its_own_row_in_the_table():
+    st = compute_stats(DIALOGUE, CharTokenizer(), "S", max_source_length=9, max_target_length=12)
+    assert [row[0] for row in reference_table(st)] == ["instruction", "output", "prompt", "history", "total"]

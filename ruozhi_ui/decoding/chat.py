@@ -16,7 +16,7 @@ import torch
 
 from ..config import GenConfig
 from ..data import Record
-from ..encoding import render_prompt
+from ..encoding import prompt_ids
 from .engine import Batch, Decoder, advance_together, decode_ids
 from .settings import DecodeSettings, resolve_settings
 
@@ -24,10 +24,11 @@ AB_BATCH_ROWS = 32  # prompts per A/B batch: rows reach the table a batch at a t
 
 
 def chat_prompt_ids(tokenizer, message: str, history=(), system_prompt: str = "") -> list[int]:
-    """The chat as training renders it (same renderer, same system prompt rule), as ids."""
+    """The chat as training renders it (same renderer, same system prompt rule), as ids; control-token text
+    the person typed stays text (`encoding.prompt_ids`)."""
     record = Record(instruction=message, output="", system=None,
                     history=tuple((str(u), str(a)) for u, a in (history or ())))
-    return tokenizer(render_prompt(tokenizer, record, system_prompt), add_special_tokens=False).input_ids
+    return prompt_ids(tokenizer, record, system_prompt)
 
 
 class IncrementalText:

@@ -9,7 +9,9 @@ Every rank runs the same `train()`. The differences live here, each small:
   steps everywhere, disjoint examples, similar lengths on every rank at each step.
 - `DistributedStep` divides each rank's summed loss by the label count of the whole global
   step (summed over ranks), and scales by the number of ranks because DDP and FSDP2 average
-  gradients: N ranks x batch B make exactly the update of one process with batch N x B.
+  gradients: N ranks x batch B make exactly the update of one process with batch N x B. The number
+  of micro-batches comes from the global step's size (summed with the counts), so every rank runs
+  as many: a DDP sync then never waits for a rank that has finished its step.
 - `wrap` puts the model under DDP, or FSDP2's `fully_shard` per decoder layer and once over
   the rest (embeddings, final norm and a tied LM head stay together in the root group). The
   wrapped module is `LabelLoss`, the model with our label-only loss as its forward, so the
@@ -153,9 +155,9 @@ class DistributedStep(EagerStep):
         self.code = "ddp" if ranks.shard == "ddp" else "fsdp"
         self.description = f"eager steps, {ranks.shard.upper()} over {ranks.world} processes"
 
-    def step_counts(self, label_count: int, num_tokens: int) -> tuple[float, int]:
-        labels, tokens = sum_over_ranks([label_count, num_tokens], self.ranks)
-        return labels, int(tokens)
+    def step_counts(self, labels: int, num_tokens: int, n_examples: int) -> tuple[float, int, int]:
+        labels, tokens, examples = sum_over_ranks([labels, num_tokens, n_examples], self.ranks)
+        return labels, int(tokens), int(examples)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2

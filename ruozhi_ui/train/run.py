@@ -22,7 +22,7 @@ import torch
 from .. import checkpoints as ckpt
 from ..config import TrainConfig, load_config, save_config, validate
 from ..data import load_source
-from ..encoding import encode_records, pad_id
+from ..encoding import check_questions_kept, encode_records, pad_id
 from ..errors import ConfigError
 from ..events import (CheckpointSaved, EmitFn, JobFailed, JobFinished, PhaseChanged, PrecisionChanged, RunStarted,
                       StepLogged, event_to_json)
@@ -288,11 +288,13 @@ def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.spec, trust_remote_code=cfg.model.trust_remote_code)
     d = cfg.data
-    splits = load_source(d.source, d.val_fraction, d.seed, uploads_dir=root / ckpt.UPLOADS_DIR)
+    splits = load_source(d.source, d.val_fraction, d.seed, uploads_dir=root / ckpt.UPLOADS_DIR, columns=d.columns,
+                         subset=d.subset, train_split=d.train_split, val_split=d.val_split)
     encode = lambda records: encode_records(tokenizer, records, d.system_prompt, d.max_source_length,
                                             d.max_target_length, train_all_turns=d.train_all_turns,
                                             label_truncated_end=d.label_truncated_end)
     train_ex, val_ex = encode(splits.train), encode(splits.val)
+    check_questions_kept(train_ex + val_ex, d.max_source_length)
     # several ranks load on the CPU first: FSDP2 moves only each rank's shard to its GPU
     model = build_model(cfg, torch.device("cpu") if ranks.distributed else device, prec)
     model.config.use_cache = False

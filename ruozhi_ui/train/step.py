@@ -4,7 +4,9 @@ A stepper is called as `(batch_no, examples, lr) -> (mean loss of the step as a 
 input tokens)` and owns forward, backward, clipping and the optimizer update. The eager step
 here is the plain PyTorch way, gradient accumulation included: each micro-batch's summed loss is
 divided by the label count of the whole step before backward, so gradients are those of one big
-batch's mean over label tokens, however the step is split. On CUDA, full-parameter bf16 steps
+batch's mean over label tokens, however the step is split. How many micro-batches a step has is
+planned from the global batch (`micro_batch_count`), so every rank of a run on several runs as many.
+On CUDA, full-parameter bf16 steps
 replay as CUDA graphs (`cuda/graph_step.py`), which has the same call shape.
 """
 
@@ -16,7 +18,7 @@ from typing import Protocol
 import torch
 
 from ..config import TrainConfig
-from ..encoding import collate_packed, collate_padded, length_grouped_batches
+from ..encoding import IGNORE_INDEX, collate_packed, collate_padded, length_grouped_batches
 from .loss import batch_loss_sum, label_positions
 from .precision import Precision, set_lr, triton_available
 
@@ -56,12 +58,31 @@ def plan_epoch(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[in
     return [b for b in batches if len(b) >= cfg.gpus]
 
 
-def make_micro_batches(examples, cfg: TrainConfig, pad_token_id: int, device: torch.device) -> list[dict]:
-    """Split one step's examples into grad_accum_steps micro-batches, collated and on `device`."""
-    per_micro = math.ceil(len(examples) / cfg.grad_accum_steps)
-    micro = []
-    for start in range(0, len(examples), per_micro):
-        group = examples[start:start + per_micro]
+def micro_batch_count(n_global: int, cfg: TrainConfig) -> int:
+    """Micro-batches every rank runs in a step of `n_global` examples: a function of the global batch only, so
+    it is the same on every rank (DDP's gradient sync after the last micro-batch waits for all of them), and
+    never more than the smallest rank's share (each micro-batch has an example on every rank)."""
+    return max(1, min(cfg.grad_accum_steps, n_global // cfg.gpus))
+
+
+def micro_batch_sizes(n_mine: int, n_global: int, cfg: TrainConfig) -> list[int]:
+    """This rank's `n_mine` examples in `micro_batch_count` near-equal micro-batches (sizes differ by one at most)."""
+    base, extra = divmod(n_mine, micro_batch_count(n_global, cfg))
+    return [base + (i < extra) for i in range(micro_batch_count(n_global, cfg))]
+
+
+def label_count(examples) -> int:
+    """Positions whose next token is labelled (as `label_positions` counts them after collating)."""
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
+
+
+def make_micro_batches(examples, sizes: list[int], cfg: TrainConfig, pad_token_id: int,
+                       device: torch.device) -> list[dict]:
+    """One step's examples cut into micro-batches of `sizes`, collated and on `device`."""
+    micro, start = [], 0
+    for size in sizes:
+        group = examples[start:start + size]
+        start += size
         batch = collate_packed(group) if cfg.packing else collate_padded(group, pad_token_id)
         batch["positions"], batch["targets"] = label_positions(batch.pop("labels"))
         batch["num_tokens"] = sum(len(e) for e in group)
@@ -82,13 +103,14 @@ class EagerStep:
 
     def __call__(self, batch_no: int, examples, lr: float) -> tuple[torch.Tensor, int]:
         set_lr(self.optimizer, lr)
-        micro = make_micro_batches(examples, self.cfg, self.pad_token_id, self.prec.device)
-        label_count, num_tokens = self.step_counts(sum(mb["targets"].numel() for mb in micro),
-                                                   sum(mb["num_tokens"] for mb in micro))
+        labels, num_tokens, n_global = self.step_counts(label_count(examples), sum(len(e) for e in examples),
+                                                        len(examples))
+        micro = make_micro_batches(examples, micro_batch_sizes(len(examples), n_global, self.cfg), self.cfg,
+                                   self.pad_token_id, self.prec.device)
         total = torch.zeros((), device=self.prec.device)
         for i, mb in enumerate(micro):
             with self.prec.autocast():
-                loss = batch_loss_sum(self.model, mb) / label_count
+                loss = batch_loss_sum(self.model, mb) / labels
             self.backward(loss, last=i == len(micro) - 1)
             total += loss.detach()
         if self.cfg.max_grad_norm > 0:
@@ -99,8 +121,10 @@ class EagerStep:
 
     # One process: the step's own counts and gradients. A distributed run overrides these four
     # (train/distributed.py: counts and the loss summed over ranks, gradient sync on the last micro-batch).
-    def step_counts(self, label_count: int, num_tokens: int) -> tuple[float, int]:
-        return label_count, num_tokens
+    def step_counts(self, labels: int, num_tokens: int, n_examples: int) -> tuple[float, int, int]:
+        """(label count, input tokens, examples) of the whole step: the loss's divisor, the speed's tokens, and
+        what the micro-batch plan is made from."""
+        return labels, num_tokens, n_examples
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()

@@ -315,7 +315,9 @@ def ab_prompts(ctx: AppContext, visitor: Visitor, source: str, limit, pasted: st
     data = cfg.data
     source = ctx.policy.check_data_source(data.source, visitor)
     records = load_source(source, data.val_fraction, data.seed, uploads_dir=visitor.uploads,
-                          max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None).val[:limit]
+                          max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None,
+                          columns=data.columns, subset=data.subset, train_split=data.train_split,
+                          val_split=data.val_split).val[:limit]
     return [r.instruction for r in records], [r.output for r in records], records
 
 
@@ -343,14 +345,15 @@ def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote
     try:
         if records:
             data = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor)).data
-            losses = [g.validation_loss(m, records, system_prompt, data.max_source_length, data.max_target_length)
-                      for m in (base, tuned)]
+            losses = [g.validation_loss(m, records, system_prompt, data.max_source_length, data.max_target_length,
+                                        train_all_turns=data.train_all_turns,
+                                        label_truncated_end=data.label_truncated_end) for m in (base, tuned)]
             loss_md = t("compare.ab_loss", lang, n=len(records), base=losses[0], tuned=losses[1])
         else:
             loss_md = t("compare.ab_no_loss", lang)
         rows = []
         yield loss_md + "\n\n" + t("compare.ab_progress", lang, done=0, total=len(prompts)), ab_dataframe(rows, lang)
-        for row in g.iter_batch_ab(base, tuned, prompts, references, system_prompt, gen, cancel):
+        for row in g.iter_batch_ab(base, tuned, prompts, references, system_prompt, gen, cancel, records or None):
             rows.append(row)
             progress = t("compare.ab_progress", lang, done=len(rows), total=len(prompts))
             yield loss_md + "\n\n" + progress, ab_dataframe(rows, lang)

@@ -40,6 +40,7 @@ class AppContext:
     trust_remote_code: gr.Checkbox | gr.State | None = None  # top bar opt-in (local); public: a State nobody sets
     data_source: gr.Textbox | None = None  # "sample", "upload:<name>", a Hub id, or (local) a file path
     lang: gr.Radio | None = None  # "zh" | "en"
+    data_options: gr.State | None = None  # the Data tab's loaded columns/subset/splits (DataConfig fields), for runs
     models: ModelCache = field(default_factory=_model_cache)  # Compare's loaded models
     data: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE))  # loaded datasets + tokenizer
     stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits

@@ -1,5 +1,6 @@
 """The Data tab: load a dataset, page and search it, see token-length statistics, inspect one example.
 
+What is shown (pages, tables, the inspector, summaries) is made by `data_views`.
 Loaded data (records + the model's tokenizer) and statistics live in the app
 context's caches, keyed by what identifies them (an upload by its visitor's file),
 so switching tabs or re-clicking Load does not re-read a file or re-download a Hub
@@ -10,7 +11,6 @@ connects events once the Train tab's max-length inputs exist.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +19,19 @@ import gradio as gr
 
 from .. import plots, specs
 from ..config import DataConfig
-from ..data import DatasetSplits, Record, load_source
+from ..data import DatasetSplits, Record, load_source, parse_columns
 from ..errors import DataFormatError, PolicyError
 from ..i18n import DEFAULT_LANG, t
 from ..policy import Visitor, safe_file_name
-from .boundary import bind, md_code, md_text, show_errors_beside, user_errors
+from .boundary import bind, show_errors_beside, user_errors
 from .context import AppContext
+from .data_views import (empty_stats_table, filter_rows, inspect_record, preview_page, preview_table, split_choices,
+                         stats_table, summary_markdown, token_segments, truncation_markdown)
 from .texts import T
+
+__all__ = ["DataKey", "LoadedData", "build", "wire", "data_stats", "empty_stats_table", "filter_rows", "inspect_record",
+           "load_data", "preview_page", "preview_table", "stats_table", "summary_markdown", "token_segments",
+           "truncation_markdown", "split_choices"]
 
 PAGE_SIZES = (10, 20, 50, 100)
 SOURCE_KINDS = ("hub", "upload", "sample")
@@ -34,11 +40,24 @@ TRAINED_COLOR = "#bbf7d0"
 
 @dataclass(frozen=True)
 class DataKey:
-    """What identifies loaded data: the source, the tokenizer's model, and where uploads are read from."""
+    """What identifies loaded data: the source, how it is read, the tokenizer's model, where uploads are read from."""
     source: str
     model_spec: str
     trust_remote_code: bool
     uploads: str  # the visitor's uploads folder ('' unless the source is an upload)
+    columns: str = ""  # the column mapping ('' = detect), as DataConfig.columns
+    subset: str = ""  # a Hub dataset's config
+    train_split: str = ""
+    val_split: str = ""
+
+    def options(self) -> dict:
+        """The DataConfig fields this load chose: the Train tab's run is read the same way."""
+        return {"columns": self.columns, "subset": self.subset, "train_split": self.train_split,
+                "val_split": self.val_split}
+
+    def run_options(self) -> dict:
+        """`options()` with the source they belong to: a run of another source does not take them."""
+        return {"source": self.source, **self.options()}
 
 
 @dataclass(frozen=True)
@@ -50,12 +69,16 @@ class LoadedData:
 
 
 # --- plain handlers (no Gradio) ---------------------------------------------------------
-def data_key(ctx: AppContext, visitor: Visitor, source: str, model_spec: str, trust_remote_code: bool) -> DataKey:
-    """The policy's verdict on a (source, model) pair, as a cache key."""
+def data_key(ctx: AppContext, visitor: Visitor, source: str, model_spec: str, trust_remote_code: bool,
+             columns: str = "", subset: str = "", train_split: str = "", val_split: str = "") -> DataKey:
+    """The policy's verdict on a (source, model) pair and how to read it, as a cache key."""
     source = ctx.policy.check_data_source(source, visitor)
     spec = ctx.policy.check_model(model_spec)
     uploads = str(visitor.uploads) if specs.data_kind(source, look_at_disk=False) == "upload" else ""
-    return DataKey(source, spec, ctx.policy.trust_remote_code(spec, trust_remote_code), uploads)
+    options = [(ctx.policy.check_text(v or "", name, max_chars=500) or "").strip() for name, v in
+               (("column mapping", columns), ("subset", subset), ("train split", train_split), ("val split", val_split))]
+    str(parse_columns(options[0]))  # a bad mapping is refused here, naming the part, before anything loads
+    return DataKey(source, spec, ctx.policy.trust_remote_code(spec, trust_remote_code), uploads, *options)
 
 
 def load_data(ctx: AppContext, key: DataKey) -> LoadedData:
@@ -66,7 +89,8 @@ def load_data(ctx: AppContext, key: DataKey) -> LoadedData:
         defaults = DataConfig()
         splits = load_source(key.source, defaults.val_fraction, defaults.seed,
                              uploads_dir=Path(key.uploads) if key.uploads else None,
-                             max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None)
+                             max_hub_bytes=ctx.policy.limits.upload_mb * 2**20 if ctx.policy.public else None,
+                             **key.options())
         tokenizer = load_tokenizer(key.model_spec, trust_remote_code=key.trust_remote_code)
         rows = tuple(("train", r) for r in splits.train) + tuple(("val", r) for r in splits.val)
         return LoadedData(key=key, splits=splits, tokenizer=tokenizer, rows=rows)
@@ -114,80 +138,6 @@ def save_upload(ctx: AppContext, visitor: Visitor, temp_path: str) -> str:
     return specs.UPLOAD_PREFIX + name
 
 
-def filter_rows(rows, query: str) -> list[int]:
-    """Indices of rows whose instruction or output contains `query` (case-insensitive)."""
-    q = (query or "").strip().lower()
-    if not q:
-        return list(range(len(rows)))
-    return [i for i, (_, r) in enumerate(rows) if q in r.instruction.lower() or q in r.output.lower()]
-
-
-def preview_page(rows, query: str, page: int, page_size: int) -> tuple[list[list], int, int, int]:
-    """One page of [index, split, instruction, output]; page is clamped to 1..n_pages."""
-    matches = filter_rows(rows, query)
-    page_size = max(1, int(page_size))
-    n_pages = max(1, math.ceil(len(matches) / page_size))
-    page = min(max(1, int(page or 1)), n_pages)
-    chosen = matches[(page - 1) * page_size: page * page_size]
-    table = [[i, rows[i][0], rows[i][1].instruction, rows[i][1].output] for i in chosen]
-    return table, page, n_pages, len(matches)
-
-
-def token_segments(tokenizer, input_ids: list[int], labels: list[int], trained: str) -> list[tuple[str, str | None]]:
-    """(text, category) per token, category `trained` where the label is not IGNORE_INDEX.
-
-    A byte-level BPE token can hold part of a UTF-8 character; such tokens are joined
-    with the next ones until they decode to whole characters (never across a change
-    of category, which only happens at the prompt/answer boundary).
-    """
-    from ..encoding import IGNORE_INDEX
-
-    segments, pending, pending_cat = [], [], None
-    for tok, lab in zip(input_ids, labels):
-        cat = trained if lab != IGNORE_INDEX else None
-        if pending and cat != pending_cat:
-            segments.append((tokenizer.decode(pending), pending_cat))
-            pending = []
-        pending.append(tok)
-        pending_cat = cat
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd"):
-            segments.append((text, cat))
-            pending = []
-    if pending:
-        segments.append((tokenizer.decode(pending), pending_cat))
-    return segments
-
-
-def inspect_record(loaded: LoadedData, index: int, max_source_length: int, max_target_length: int,
-                   lang: str = "zh", system_prompt: str | None = None) -> tuple[str, list[tuple[str, str | None]], str]:
-    """What the model is trained on for row `index`: the exact text, tokens (trained ones marked), summary."""
-    from ..encoding import encode_record
-
-    if not 0 <= int(index) < len(loaded.rows):
-        raise DataFormatError(key="errors.row_index", n=len(loaded.rows) - 1)
-    _, record = loaded.rows[int(index)]
-    prompt = DataConfig().system_prompt if system_prompt is None else system_prompt
-    ex = encode_record(loaded.tokenizer, record, prompt, int(max_source_length), int(max_target_length))
-    text = loaded.tokenizer.decode(ex.input_ids)  # after truncation: exactly what is fed
-    segments = token_segments(loaded.tokenizer, ex.input_ids, ex.labels, t("data.inspect_trained", lang))
-    n_trained = sum(1 for lab in ex.labels if lab != -100)
-    summary = t("data.inspect_summary", lang, n=len(ex), n_trained=n_trained, n_prompt=ex.prompt_len)
-    if ex.prompt_truncated:
-        summary += " " + t("data.inspect_prompt_cut", lang, n=int(max_source_length))
-    if ex.answer_truncated:
-        summary += " " + t("data.inspect_answer_cut", lang, n=int(max_target_length))
-    return text, segments, summary
-
-
-def truncation_markdown(stats, lang: str) -> str:
-    return t("data.truncation", lang, src=stats.max_source_length, tgt=stats.max_target_length,
-             prompt=stats.prompt_truncated_share, output=stats.output_truncated_share,
-             n_prompt=stats.prompt_truncated_count, n_output=stats.output_truncated_count,
-             any=stats.any_truncated_share, waste_ref=stats.padding_waste_reference,
-             waste_grouped=stats.padding_waste_grouped, n=stats.n, n_total=stats.n_total)
-
-
 def copy_suggested(suggested_source, suggested_target):
     """The 'use suggested lengths' button: copy both suggestions, or change nothing when absent."""
     if suggested_source is None or suggested_target is None:
@@ -201,7 +151,7 @@ def source_for_kind(kind: str, current: str) -> tuple[str, bool]:
         return "sample", False
     if kind == "upload":
         return current, True
-    hub_like = "/" in current and not current.lower().endswith((".json", ".jsonl")) and current != "sample"
+    hub_like = "/" in current and not current.lower().endswith(specs.DATA_SUFFIXES) and current != "sample"
     return (current if hub_like else DataConfig().source), False
 
 
@@ -212,33 +162,28 @@ def _loaded(ctx: AppContext, key: DataKey | None) -> LoadedData:
     return load_data(ctx, key)
 
 
-def summary_markdown(loaded: LoadedData, lang: str) -> str:
-    s = loaded.splits
-    summary = t("data.summary", lang, origin=md_text(s.origin), n_train=len(s.train), n_val=len(s.val))
-    return summary + ("\n\n" + "\n".join(f"- {md_text(n)}" for n in s.notes) if s.notes else "")
-
-
 @user_errors("errors.load_failed")
 def on_load(ctx: AppContext, source, model_spec, trust_remote_code, page_size, lang, token=None,
-            request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+            columns="", subset="", train_split="", val_split="", request: gr.Request = None,
+            progress=gr.Progress(track_tqdm=True)):
     progress(0, desc=t("data.loading", lang))
-    key = data_key(ctx, ctx.visitor_of(token, request), source, model_spec, trust_remote_code)
+    key = data_key(ctx, ctx.visitor_of(token, request), source, model_spec, trust_remote_code, columns, subset,
+                   train_split, val_split)
     loaded = load_data(ctx, key)  # a failure leaves the outputs untouched: the earlier data stays on screen
-    table, page, n_pages, n_matches = preview_page(loaded.rows, "", 1, page_size)
-    return (loaded.key, len(loaded.splits.train), summary_markdown(loaded, lang), _table(table, lang), page,
-            t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches), "")
+    table, page, n_pages, n_matches = preview_page(loaded.rows, "", 1, page_size, lang)
+    s = loaded.splits
+    return (loaded.key, len(s.train), summary_markdown(loaded, lang), preview_table(table, lang), page,
+            t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches), "", key.run_options())
 
 
-def stats_table(stats, lang: str) -> dict:
-    from ..stats import reference_table
-
-    headers = [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")]
-    rows = [[t(f"data.hist_{r[0]}", lang), r[1], r[2], round(r[3], 2), round(r[4], 1)] for r in reference_table(stats)]
-    return {"headers": headers, "data": rows}
-
-
-def empty_stats_table(lang: str) -> dict:
-    return {"headers": [t(f"data.col_{c}", lang) for c in ("field", "min", "max", "mean", "p95")], "data": []}
+def on_source_choices(ctx: AppContext, key, lang):
+    """After a load: the subset and split dropdowns list what the source has (a Hub dataset), the choice kept."""
+    if not key:
+        return gr.skip(), gr.skip(), gr.skip()
+    s = load_data(ctx, key).splits
+    return (gr.update(choices=[(n, n) for n in s.subsets], value=key.subset or (s.subsets[0] if s.subsets else "")),
+            gr.update(choices=split_choices(s.splits, lang), value=key.train_split),
+            gr.update(choices=split_choices(s.splits, lang), value=key.val_split))
 
 
 def _checked(ctx: AppContext, key, system_prompt, max_source_length, max_target_length):
@@ -259,10 +204,6 @@ def on_stats(ctx: AppContext, key, split, system_prompt, max_source_length, max_
             stats.suggested_max_source_length, stats.suggested_max_target_length)
 
 
-def _table(rows, lang):
-    return {"headers": [t(f"data.col_{c}", lang) for c in ("index", "split", "instruction", "output")], "data": rows}
-
-
 @user_errors()
 def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0, request: gr.Request = None):
     loaded = _loaded(ctx, key)
@@ -272,8 +213,8 @@ def on_preview(ctx: AppContext, key, query, page, page_size, lang, delta=0, requ
         page = int(page or 1) + delta
     except (TypeError, ValueError, OverflowError):
         page = 1
-    table, page, n_pages, n_matches = preview_page(loaded.rows, query, page, page_size)
-    return _table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
+    table, page, n_pages, n_matches = preview_page(loaded.rows, query, page, page_size, lang)
+    return preview_table(table, lang), page, t("data.page_info", lang, page=page, n_pages=n_pages, n=n_matches)
 
 
 def on_search(ctx: AppContext, key, query, page, page_size, lang, request: gr.Request = None):
@@ -306,14 +247,20 @@ def on_inspect(ctx: AppContext, key, index, system_prompt, max_source_length, ma
 
 
 def on_relabel(ctx: AppContext, key, query, page, page_size, split, system_prompt, max_source_length,
-               max_target_length, lang, request: gr.Request = None):
-    """A language switch: the data on screen re-rendered in the new language (nothing when none is loaded)."""
+               max_target_length, index, inspected, lang, request: gr.Request = None):
+    """A language switch: the data on screen re-rendered in the new language; before a load, the empty tables'
+    headers and the inspector's legend. The inspector's summary is redone only if a row was inspected."""
     if not key:
-        return (gr.skip(),) * 3 + (empty_stats_table(lang), gr.skip(), gr.skip())
+        return (gr.skip(), preview_table([], lang), gr.skip(), empty_stats_table(lang), gr.skip(), gr.skip(),
+                inspector_tokens([], lang), gr.skip())
     loaded = load_data(ctx, key)
     table, page_info = on_preview(ctx, key, query, page, page_size, lang, request=request)[::2]
     stats = on_stats(ctx, key, split, system_prompt, max_source_length, max_target_length, lang, request)
-    return summary_markdown(loaded, lang), table, page_info, stats[0], stats[1], stats[2]
+    tokens, summary = inspector_tokens([], lang), gr.skip()
+    if inspected:
+        _, tokens, summary = on_inspect(ctx, key, index, system_prompt, max_source_length, max_target_length, lang,
+                                        request)
+    return summary_markdown(loaded, lang), table, page_info, stats[0], stats[1], stats[2], tokens, summary
 
 
 def on_row_select(evt: gr.SelectData):
@@ -365,6 +312,11 @@ class DataHandles:
     inspect_text: gr.Textbox
     inspect_tokens: gr.HighlightedText
     inspect_summary: gr.Markdown
+    columns: gr.Textbox  # the column mapping ('' = detect)
+    subset: gr.Dropdown  # a Hub dataset's config, listed after a load
+    train_split: gr.Dropdown
+    val_split: gr.Dropdown
+    options: gr.State  # the loaded data's DataConfig options (columns, subset, splits): the Train tab's run uses them
     load_event: object = None  # the Load click's dependency, for .failure() in the shell
 
 
@@ -377,8 +329,19 @@ def build(ctx: AppContext) -> DataHandles:
             source_kind = gr.Radio([(T(f"data.kind_{k}"), k) for k in SOURCE_KINDS], value="hub",
                                    label=T("data.source_kind"), elem_id="data-source-kind", scale=3)
             load_button = gr.Button(T("data.load"), variant="primary", elem_id="data-load", scale=1)
-        upload = gr.File(label=T("data.upload"), file_types=[".json", ".jsonl"], type="filepath",
+        upload = gr.File(label=T("data.upload"), file_types=list(specs.DATA_SUFFIXES), type="filepath",
                          visible=False, elem_id="data-upload")
+        with gr.Row():
+            columns = gr.Textbox("", label=T("data.columns"), info=T("data.columns_info"), scale=3, max_length=500,
+                                 elem_id="data-columns")
+            subset = gr.Dropdown([], value="", label=T("data.subset"), info=T("data.hub_choices_info"),
+                                 allow_custom_value=True, scale=1, elem_id="data-subset")
+            train_split = gr.Dropdown([(T("data.split_auto"), "")], value="", label=T("data.train_split"),
+                                      allow_custom_value=True, scale=1, elem_id="data-train-split")
+            val_split = gr.Dropdown([(T("data.split_auto"), "")], value="", label=T("data.val_split"),
+                                    allow_custom_value=True, scale=1, elem_id="data-val-split")
+        options = gr.State({})
+        ctx.data_options = options
         status = gr.Markdown(elem_id="data-status")
         summary = gr.Markdown(elem_id="data-summary")
         with gr.Accordion(T("data.preview_title"), open=True):
@@ -392,7 +355,7 @@ def build(ctx: AppContext) -> DataHandles:
                 prev_button = gr.Button("◀", size="sm", scale=0, min_width=60, elem_id="data-prev")
                 page_info = gr.Markdown(elem_id="data-page-info")
                 next_button = gr.Button("▶", size="sm", scale=0, min_width=60, elem_id="data-next")
-            preview = gr.Dataframe(value=_table([], lang), interactive=False, wrap=True, max_height=420,
+            preview = gr.Dataframe(value=preview_table([], lang), interactive=False, wrap=True, max_height=420,
                                    elem_id="data-preview", column_widths=["8%", "8%", "34%", "50%"])
         with gr.Accordion(T("data.stats_title"), open=True):
             stats_split = gr.Radio([(T("data.split_all"), "all"), (T("data.split_train"), "train")], value="all",
@@ -426,7 +389,8 @@ def build(ctx: AppContext) -> DataHandles:
         stats_split=stats_split, stats_table=stats_table, histograms=histograms, truncation=truncation,
         suggested_source=suggested_source, suggested_target=suggested_target, use_suggested=use_suggested,
         inspect_index=inspect_index, inspect_button=inspect_button, inspect_status=inspect_status,
-        inspect_text=inspect_text, inspect_tokens=inspect_tokens, inspect_summary=inspect_summary)
+        inspect_text=inspect_text, inspect_tokens=inspect_tokens, inspect_summary=inspect_summary,
+        columns=columns, subset=subset, train_split=train_split, val_split=val_split, options=options)
 
 
 def wire(ctx: AppContext, h: DataHandles, form: dict) -> DataHandles:
@@ -437,15 +401,20 @@ def wire(ctx: AppContext, h: DataHandles, form: dict) -> DataHandles:
                     outputs=[h.stats_table, h.histograms, h.truncation, h.suggested_source, h.suggested_target],
                     show_progress_on=[h.histograms])
     load_io = dict(fn=bind(on_load, ctx),
-                   inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang, ctx.visitor],
-                   outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search],
+                   inputs=[ctx.data_source, ctx.model_spec, ctx.trust_remote_code, h.page_size, ctx.lang, ctx.visitor,
+                           h.columns, h.subset, h.train_split, h.val_split],
+                   outputs=[h.loaded_key, h.n_train, h.summary, h.preview, h.page, h.page_info, h.search, h.options],
                    show_progress_on=[h.summary])
     h.load_event = h.load_button.click(**load_io, api_name="load_data")
+    choices_io = dict(fn=bind(on_source_choices, ctx), inputs=[h.loaded_key, ctx.lang],
+                      outputs=[h.subset, h.train_split, h.val_split], **private)
+    h.load_event.success(**choices_io)
     stats_event = h.load_event.success(**stats_io, api_name="data_stats")
     h.source_kind.input(on_source_kind, [h.source_kind, ctx.data_source], [ctx.data_source, h.upload], **private)
     uploaded = h.upload.upload(bind(on_upload, ctx), [h.upload, ctx.visitor], [ctx.data_source, h.source_kind],
                                show_progress_on=[h.status], **private)
     loaded_upload = uploaded.success(**load_io, **private)
+    loaded_upload.success(**choices_io)
     upload_stats = loaded_upload.success(**stats_io, **private)
     h.stats_split.input(**stats_io, **private)
 
@@ -472,6 +441,8 @@ def wire(ctx: AppContext, h: DataHandles, form: dict) -> DataHandles:
     for event in inspected:
         show_errors_beside(ctx, event, h.inspect_status)
     ctx.lang.change(bind(on_relabel, ctx),
-                    [h.loaded_key, h.search, h.page, h.page_size, h.stats_split, system_prompt, src, tgt, ctx.lang],
-                    [h.summary, h.preview, h.page_info, h.stats_table, h.histograms, h.truncation], **private)
+                    [h.loaded_key, h.search, h.page, h.page_size, h.stats_split, system_prompt, src, tgt,
+                     h.inspect_index, h.inspect_text, ctx.lang],
+                    [h.summary, h.preview, h.page_info, h.stats_table, h.histograms, h.truncation, h.inspect_tokens,
+                     h.inspect_summary], **private)
     return h

@@ -63,6 +63,9 @@ def _number(name: str, value, kind):
 
 def build_train_config(model_spec: str, trust_remote_code: bool, data_source: str, **form) -> TrainConfig:
     """Widget values -> a validated TrainConfig; fields not on the form keep their defaults."""
+    options = form.pop("data_options", None) or {}  # the Data tab's column mapping, subset, splits (its last load)
+    if options.get("source") != (data_source or "").strip():
+        options = {}  # they were chosen for another source
     unknown = set(form) - set(FORM_FIELDS)
     if unknown:
         raise ConfigError(f"unknown form field(s): {', '.join(sorted(unknown))}")
@@ -73,6 +76,7 @@ def build_train_config(model_spec: str, trust_remote_code: bool, data_source: st
         values[name] = _number(name, values[name], float)
     values["packing"], values["save_merged"] = bool(values["packing"]), bool(values["save_merged"])
     data = dataclasses.replace(DEFAULTS.data, source=(data_source or "").strip(),
+                               **{k: str(options.get(k) or "") for k in ("columns", "subset", "train_split", "val_split")},
                                **{k: values.pop(k) for k in DATA_FIELDS})
     model = ModelConfig(spec=(model_spec or "").strip(), trust_remote_code=bool(trust_remote_code))
     return validate(dataclasses.replace(DEFAULTS, model=model, data=data, **values))
@@ -429,7 +433,8 @@ def build(ctx: AppContext, n_train: gr.State) -> TrainHandles:
 def _wire(ctx: AppContext, h: TrainHandles, method: gr.Radio, lora_group: gr.Group, n_train: gr.State) -> None:
     private = dict(api_visibility="private")
     named = dict(model_spec=ctx.model_spec, trust_remote_code=ctx.trust_remote_code, data_source=ctx.data_source,
-                 lang=ctx.lang, token=ctx.visitor, **h.form)
+                 lang=ctx.lang, token=ctx.visitor, **h.form,
+                 **({"data_options": ctx.data_options} if ctx.data_options is not None else {}))
     method.change(on_method, [method], [lora_group], **private)
     fetched = h.start_button.click(bind(on_fetch_model, ctx), [ctx.model_spec, ctx.lang], None,
                                    show_progress_on=[h.action_status], **private)
