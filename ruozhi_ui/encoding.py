@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import random
 import re
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +130,7 @@ def _plain_backend(tokenizer):
     return backend
 
 
-_LITERAL_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LITERAL_ATTR = "_ruozhi_literal_backend"  # the copy lives on the tokenizer it was made from, and dies with it
 
 
 def _literal_backend(tokenizer):
@@ -141,11 +140,11 @@ def _literal_backend(tokenizer):
     backend = _plain_backend(tokenizer)
     if backend is None:
         return None
-    literal = _LITERAL_BACKENDS.get(tokenizer)
-    if literal is None:
+    literal = getattr(tokenizer, _LITERAL_ATTR, None)
+    if literal is None:  # two threads may both copy: the same copy either way, one is dropped
         literal = copy.deepcopy(backend)
         literal.encode_special_tokens = True
-        _LITERAL_BACKENDS[tokenizer] = literal
+        setattr(tokenizer, _LITERAL_ATTR, literal)
     return literal
 
 
