@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import specs
+from .bounds import check_records
 from .errors import DataFormatError, first_line
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -277,6 +278,7 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads
         raise DataFormatError(key="err.data.unknown_source", source=source)
     if not train:
         raise DataFormatError(key="err.data.no_train", source=source)
+    check_records(train + val, origin)  # sizes bounded before anything tokenises them (bounds.py)
     duplicates = count_duplicates(train + val)
     if duplicates:
         notes.append(f"{duplicates} duplicate record(s) found (same instruction and output)")

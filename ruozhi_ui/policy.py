@@ -57,13 +57,28 @@ class Limits:
     session_disk_mb: int = 0  # a visitor's runs + uploads (0 = no quota)
     upload_mb: int = 200  # one uploaded data file
     gpus: int = 64  # processes of one run (torchrun); the machine's GPU count bounds it too
+    # --- the server itself (ui/guard.py, chats.py, bounds.py, jobs.py): checked before any handler works
+    request_kb: int = 65536  # one request body other than an upload (JSON events)
+    upload_files: int = 1000  # files in one upload request
+    temp_mb: int = 0  # Gradio's upload/temp folder, all visitors together (0 = no cap)
+    sessions: int = 10000  # page sessions whose state (Gradio's and the chat histories) is kept, oldest dropped
+    queue_size: int = 0  # events waiting in Gradio's queue, all visitors together (0 = no cap)
+    generation_concurrency: int = 2  # Compare chats and A/B tables decoding at once, all visitors together
+    chat_turns: int = 1000  # user turns in one Compare conversation
+    chat_chars: int = 10**7  # characters of one Compare conversation, all turns together
+    record_chars: int = 10**7  # one dataset record (all its fields)
+    file_chars: int = 10**9  # one dataset (all its records)
+    train_seconds: int = 0  # wall time of one training run before it is stopped and saved (0 = no bound)
+    train_cooldown_s: int = 0  # after a visitor's run ends, before the same visitor may start another
 
 
 PUBLIC_LIMITS = dataclasses.replace(
     Limits(), epochs=10, max_steps=5000, batch_size=64, grad_accum_steps=16, warmup_steps=1000,
     max_source_length=1024, max_target_length=1024, lora_rank=64, lora_alpha=256, ab_prompts=200,
     max_new_tokens=512, text_chars=4000, config_layers=256, config_hidden=16384, config_vocab=300_000,
-    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8)
+    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8,
+    request_kb=256, upload_files=2, temp_mb=2000, sessions=500, queue_size=64, generation_concurrency=2, chat_turns=16,
+    chat_chars=16000, record_chars=20000, file_chars=20_000_000, train_seconds=3600, train_cooldown_s=600)
 
 
 @dataclass(frozen=True)
