@@ -170,7 +170,7 @@ def test_a_visitor_answers_one_thing_at_a_time(ctx):
     with pytest.raises(gr.Error, match="You already have an answer or an A/B table being generated"):
         list(ct.run_ab(ctx, "demo", NEW, False, "s", "pasted", 5, "q", 4, 1.0, "en"))
     stream.close()
-    assert not ctx.long_work.busy("local")
+    assert not ctx.long_work.busy("local")  # local mode: the session's slot
 
 
 def test_run_ab_on_pasted_prompts_gives_one_row_per_line(ctx):

@@ -158,6 +158,12 @@ def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
+def _slot(ctx: AppContext, visitor: Visitor, request) -> str:
+    """Whose slot long work takes: a public visitor's (all their tabs share one), a local session's (the one
+    trusted user may chat in two tabs)."""
+    return visitor.id if ctx.policy.public else _session(request)
+
+
 def _register(request) -> threading.Event:
     event = threading.Event()
     with _active_lock:
@@ -273,7 +279,7 @@ def respond(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remot
     policy.check_text(system_prompt, "system prompt", multiline=True)
     gen = gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
     policy.check_generation(gen.max_new_tokens)
-    with ctx.long_work.hold(visitor.id):
+    with ctx.long_work.hold(_slot(ctx, visitor, request)):
         base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
         titles = (with_settings(base_title(base_spec, lang), base, gen, lang),
                   with_settings(tuned_title(ctx, visitor, checkpoint, lang), tuned, gen, lang))
@@ -347,7 +353,7 @@ def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote
            request: gr.Request = None):
     """Yield (loss markdown, table) as rows finish."""
     visitor = ctx.visitor_of(token, request)
-    with ctx.long_work.hold(visitor.id):  # one A/B or answer at a time per visitor
+    with ctx.long_work.hold(_slot(ctx, visitor, request)):  # one A/B or answer at a time per visitor
         prompts, references, records = ab_prompts(ctx, visitor, source, limit, pasted, checkpoint)
         gen = gen_config_from_widgets(max_new_tokens, False, 1.0, 1.0, 0, repetition_penalty)
         ctx.policy.check_generation(gen.max_new_tokens, len(prompts))
