@@ -345,6 +345,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "err.policy.one_at_a_time": {"zh": "你已经有一个回答或 A/B 表格在生成：请等它结束（或点停止）再开始下一个", "en": "You already have an answer or an A/B table being generated: wait for it to finish (or press Stop) before starting another"},
     "err.data.record_chars": {"zh": "{name}：第 {index} 条记录有 {n} 个字符；本应用每条最多 {max} 个", "en": "{name}: record {index} is {n} characters long; this app reads records of at most {max}"},
     "err.data.file_chars": {"zh": "{name}：数据超过 {max} 个字符，超出本应用能读取的大小：请用小一些的文件", "en": "{name}: the dataset is over {max} characters, more than this app reads: use a smaller file"},
+    "err.policy.server_full": {"zh": "服务器的存储空间暂时满了（所有访客共用）：请稍后再试", "en": "The server's storage, shared by all visitors, is full right now: try again later"},
     "err.job.cooldown": {"zh": "你的上一次训练刚结束：大约 {minutes} 分钟后才能再开始一次，让其他访客也能用这台机器", "en": "Your last run has just ended: you can start another in about {minutes} min, so that other visitors get the machine too"},
 }
 
