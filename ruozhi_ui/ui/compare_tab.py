@@ -35,7 +35,7 @@ AB_DEFAULT_PROMPTS = 50
 CSV_DOWNLOAD_JS = """(table) => {
     const rows = [table.headers, ...table.data];
     // A cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) starts with a quote instead.
-    const text = (v) => { const s = String(v ?? ''); return /^[=+\-@\t\r]/.test(s) ? "'" + s : s; };
+    const text = (v) => { const s = String(v ?? ''); return /^[=+\\-@\\t\\r]/.test(s) ? "'" + s : s; };
     const cell = (v) => '"' + text(v).replaceAll('"', '""') + '"';
     const csv = '\\ufeff' + rows.map(r => r.map(cell).join(',')).join('\\n');
     const a = document.createElement('a');
