@@ -260,3 +260,23 @@ def test_markdown_and_html_in_a_source_come_back_as_text(app):
     message = refused(lambda: c.predict("![x](http://example.invalid/x.png)<img src=http://example.invalid/y>",
                                         "demo", 10, "en", None, api_name="/load_data"))
     assert "<img" not in message and "![x]" not in message
+
+
+# ---------------------------------------------------------------- 6. fair use of one machine (round 2)
+
+def test_the_queue_and_the_sessions_kept_are_bounded_for_everyone(app):
+    httpx.get(app.url)  # the guard hands Gradio the session bound with the first request
+    assert app.demo._queue.max_size == PUBLIC_LIMITS.queue_size
+    assert app.demo.server_app.state_holder.capacity == PUBLIC_LIMITS.sessions
+
+
+def test_chat_answers_and_ab_tables_share_one_global_concurrency_limit(app):
+    generating = [(f.name, f.concurrency_limit) for f in app.demo.fns.values()
+                  if f.concurrency_id == "compare-generation"]
+    assert sorted(generating) == [(name, PUBLIC_LIMITS.generation_concurrency)
+                                  for name in ("respond", "respond", "run_ab")]  # Enter, Send, the A/B table
+
+
+def test_the_runner_bounds_a_runs_time_and_a_visitors_restarts(app):
+    assert (app.runner.max_seconds, app.runner.cooldown_s) == (PUBLIC_LIMITS.train_seconds,
+                                                              PUBLIC_LIMITS.train_cooldown_s)
