@@ -4,7 +4,6 @@ training time and cool-down, the shared disk cap, log and Markdown escaping, plo
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 

@@ -3,9 +3,13 @@
 Layout and wiring only; every handler is a module-level function of plain values
 (testable without a browser) that calls `generation`. A checkpoint is named by its
 path relative to the visitor's runs folder and resolved by the policy, so a public
-visitor reaches only their own. Each pane is titled with the exact weights it used.
-Stop both cancels the streaming event and sets the session's cancel events, so
-`generate()` itself stops, not just the UI.
+visitor reaches only their own. Each pane is titled with the exact weights it used, in
+the page's language. The conversation lives on the server (`chats.ChatStore`, per
+session): Send stores the turn, the answer reads it from there, and the panes only
+show what the server built, so no event ever takes a chat pane as input. Answers and
+A/B tables share one global concurrency limit and one slot per visitor. Stop both
+cancels the streaming event and sets the session's cancel events, so `generate()`
+itself stops, not just the UI.
 """
 
 from __future__ import annotations

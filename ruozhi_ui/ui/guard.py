@@ -26,7 +26,6 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.middleware import Middleware
@@ -265,7 +264,3 @@ class Guard:
 
 APP_KWARGS = {"middleware": [Middleware(Guard)]}
 
-
-def upload_dir_bytes(demo) -> int:
-    """Bytes in the launched app's Gradio upload folder (tests, the docs' numbers)."""
-    return folder_bytes(Path(demo.server_app.uploaded_file_dir)) if getattr(demo, "server_app", None) else 0
