@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1; 0.0.0.0 on Spaces)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
+    from ruozhi_ui import safelog
+
+    safelog.install()  # before anything logs: data and visitors' text cannot forge or rewrite log lines
 
     from ruozhi_ui.checkpoints import runs_root
     from ruozhi_ui.policy import policy_from_env

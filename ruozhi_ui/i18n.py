@@ -350,6 +350,28 @@ STRINGS: dict[str, dict[str, str]] = {
     "data.split_value_train": {"zh": "训练用", "en": "train"},
     "data.split_value_val": {"zh": "验证用", "en": "val"},
     "data.inspect_history": {"zh": "其中历史轮次 {n_history} 个 token（不受 max_source_length 限制），最后一轮提示 {n_last} 个（上限 {src}）。", "en": "Of these, {n_history} history tokens (not bounded by max_source_length) and {n_last} in the last turn's prompt (limit {src})."},
+    # --- public mode, round 2 (server-side chats, limits, fair use) and Compare's titles ---
+    "compare.demo_model": {"zh": "demo（离线小模型，随机权重）", "en": "demo (tiny offline model, random weights)"},
+    "compare.pane_base": {"zh": "**基座模型**　{label}", "en": "**Base model**　{label}"},
+    "compare.pane_tuned": {"zh": "**微调模型**　{label} {how}", "en": "**Fine-tuned model**　{label} {how}"},
+    "compare.how_full": {"zh": "（全参数微调，基于 {base}）", "en": "(full fine-tune of {base})"},
+    "compare.how_lora": {"zh": "（LoRA r={r}，基于 {base}）", "en": "(LoRA r={r} on {base})"},
+    "compare.how_merged": {"zh": "（LoRA 已合并，基于 {base}）", "en": "(LoRA merged into {base})"},
+    "compare.dec_model": {"zh": "（模型自带）", "en": " (model)"},
+    "compare.dec_sampling": {"zh": "采样{mark}：温度 {temperature}{t_mark}，top-p {top_p}{p_mark}，top-k {top_k}{k_mark}", "en": "sampling{mark}: temperature {temperature}{t_mark}, top-p {top_p}{p_mark}, top-k {top_k}{k_mark}"},
+    "compare.dec_greedy": {"zh": "贪心解码{mark}", "en": "greedy{mark}"},
+    "compare.dec_penalty": {"zh": "重复惩罚 {value}{mark}", "en": "repetition penalty {value}{mark}"},
+    "compare.dec_no_penalty": {"zh": "无重复惩罚{mark}", "en": "no repetition penalty{mark}"},
+    "compare.dec_stops": {"zh": "遇到 {ends} 停止{mark}", "en": "stops at {ends}{mark}"},
+    "compare.dec_never_stops": {"zh": "不会提前停止", "en": "never stops early"},
+    "compare.dec_at_most": {"zh": "最多 {n} 个新 token", "en": "at most {n} new tokens"},
+    "err.chat.turns": {"zh": "这段对话已有 {max} 轮，达到上限：请点「清空」重新开始", "en": "This conversation has reached {max} turns, the most allowed: press Clear to start a new one"},
+    "err.chat.chars": {"zh": "这段对话共 {n} 个字符，最多 {max} 个：请点「清空」重新开始，或发短一点的消息", "en": "This conversation would be {n} characters long, at most {max} are allowed: press Clear, or send a shorter message"},
+    "err.policy.one_at_a_time": {"zh": "你已经有一个回答或 A/B 表格在生成：请等它结束（或点停止）再开始下一个", "en": "You already have an answer or an A/B table being generated: wait for it to finish (or press Stop) before starting another"},
+    "err.data.record_chars": {"zh": "{name}：第 {index} 条记录有 {n} 个字符；本应用每条最多 {max} 个", "en": "{name}: record {index} is {n} characters long; this app reads records of at most {max}"},
+    "err.data.file_chars": {"zh": "{name}：数据超过 {max} 个字符，超出本应用能读取的大小：请用小一些的文件", "en": "{name}: the dataset is over {max} characters, more than this app reads: use a smaller file"},
+    "err.policy.server_full": {"zh": "服务器的存储空间暂时满了（所有访客共用）：请稍后再试", "en": "The server's storage, shared by all visitors, is full right now: try again later"},
+    "err.job.cooldown": {"zh": "你的上一次训练刚结束：大约 {minutes} 分钟后才能再开始一次，让其他访客也能用这台机器", "en": "Your last run has just ended: you can start another in about {minutes} min, so that other visitors get the machine too"},
 }
 
 

@@ -81,6 +81,8 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._snap = IDLE
         self._last_by_owner: OrderedDict[str, JobSnapshot] = OrderedDict()  # each owner's latest job
+        self.max_seconds = 0.0  # the policy's wall-time bound of one run, then it is stopped and saved (0 = none)
+        self.cooldown_s = 0.0  # the policy's pause between one owner's runs (0 = none)
 
     # --- called from UI / CLI threads -------------------------------------------------
     def start(self, cfg: TrainConfig, owner: str = LOCAL, runs_root: Path | None = None) -> JobSnapshot:
@@ -91,6 +93,11 @@ class JobRunner:
                 if self._snap.owner == owner:
                     raise JobConflict(key="err.job.running")
                 raise busy_error(self._snap)
+            last = self._last_by_owner.get(owner)
+            if self.cooldown_s and last is not None and last.finished_at:
+                wait = last.finished_at + self.cooldown_s - time.time()
+                if wait > 0:
+                    raise JobConflict(key="err.job.cooldown", minutes=max(1, round(wait / 60)))
             self._stop = threading.Event()
             self._snap = JobSnapshot(version=self._snap.version + 1, status="starting",
                                      config=config_to_dict(cfg), started_at=time.time(), owner=owner)
@@ -156,6 +163,9 @@ class JobRunner:
                 self._replace(status=status, started=event, run_dir=event.run_dir)
             elif isinstance(event, StepLogged):
                 self._replace(steps=s.steps + (event,))
+                if self.max_seconds and time.time() - s.started_at > self.max_seconds and not self._stop.is_set():
+                    self._stop.set()  # over the policy's time: the engine saves and stops after this step
+                    self._replace(status="stopping")
             elif isinstance(event, PhaseChanged):
                 self._replace(phase=event.phase)
             elif isinstance(event, PrecisionChanged) and s.started is not None:  # fast layers were dropped

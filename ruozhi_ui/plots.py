@@ -7,6 +7,7 @@ of Gradio, jobs or files. Titles go through `i18n.t` so a figure matches the pag
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Sequence
 
@@ -22,6 +23,12 @@ COLORS = {"train": "#94a3b8", "ema": "#2563eb", "val": "#dc2626", "p95": "#f59e0
 RUN_COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f")
 
 
+def plain(text) -> str:
+    """Text for a trace name, hover or annotation: plotly renders a subset of HTML there (links included),
+    so a run name or a dataset string is entity-escaped and shows as written."""
+    return html.escape(str(text), quote=True)
+
+
 def _base_layout(fig: go.Figure, height: int) -> go.Figure:
     # The legend sits at the top right, above the plot: the page's own label badge is at the top left.
     fig.update_layout(height=height, margin=dict(l=40, r=20, t=50, b=40), template="plotly_white",
@@ -32,7 +39,7 @@ def _base_layout(fig: go.Figure, height: int) -> go.Figure:
 def empty_figure(message: str) -> go.Figure:
     """A blank chart that says why there is nothing to plot yet."""
     fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+    fig.add_annotation(text=plain(message), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font=dict(size=14, color="#64748b"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
@@ -132,10 +139,10 @@ def runs_figure(runs: Sequence, lang: str = "zh") -> go.Figure:
             keep = downsample(len(run.steps))
             xs, ys = [s for s, _ in run.steps], smooth([v for _, v in run.steps])
             fig.add_trace(go.Scatter(x=[xs[k] for k in keep], y=[ys[k] for k in keep], mode="lines",
-                                     name=t("runs.chart_train", lang, name=run.name), line=dict(color=color, width=2)))
+                                     name=t("runs.chart_train", lang, name=plain(run.name)), line=dict(color=color, width=2)))
         if run.evals:
             fig.add_trace(go.Scatter(x=[s for s, _ in run.evals], y=[v for _, v in run.evals], mode="markers+lines",
-                                     name=t("runs.chart_val", lang, name=run.name),
+                                     name=t("runs.chart_val", lang, name=plain(run.name)),
                                      marker=dict(color=color, size=9, symbol="diamond"),
                                      line=dict(color=color, dash="dot")))
     fig.update_xaxes(title_text=t("train.chart_xaxis", lang), rangemode="tozero")

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,13 +58,31 @@ class Limits:
     session_disk_mb: int = 0  # a visitor's runs + uploads (0 = no quota)
     upload_mb: int = 200  # one uploaded data file
     gpus: int = 64  # processes of one run (torchrun); the machine's GPU count bounds it too
+    # --- the server itself (ui/guard.py, chats.py, bounds.py, jobs.py): checked before any handler works
+    request_kb: int = 65536  # one request body other than an upload (JSON events)
+    upload_files: int = 1000  # files in one upload request
+    temp_mb: int = 0  # Gradio's upload/temp folder, all visitors together (0 = no cap)
+    sessions: int = 10000  # page sessions whose state (Gradio's and the chat histories) is kept, oldest dropped
+    queue_size: int = 0  # events waiting in Gradio's queue, all visitors together (0 = no cap)
+    generation_concurrency: int = 2  # Compare chats and A/B tables decoding at once, all visitors together
+    chat_turns: int = 1000  # user turns in one Compare conversation
+    chat_chars: int = 10**7  # characters of one Compare conversation, all turns together
+    record_chars: int = 10**7  # one dataset record (all its fields)
+    file_chars: int = 10**9  # one dataset (all its records)
+    train_seconds: int = 0  # wall time of one training run before it is stopped and saved (0 = no bound)
+    train_cooldown_s: int = 0  # after a visitor's run ends, before the same visitor may start another
+    visitors_disk_mb: int = 0  # all public visitors' runs + uploads together (0 = no cap); tokens are free
+    visitor_idle_h: int = 24  # over that cap, visitors' folders idle this long are removed first
 
 
 PUBLIC_LIMITS = dataclasses.replace(
     Limits(), epochs=10, max_steps=5000, batch_size=64, grad_accum_steps=16, warmup_steps=1000,
     max_source_length=1024, max_target_length=1024, lora_rank=64, lora_alpha=256, ab_prompts=200,
     max_new_tokens=512, text_chars=4000, config_layers=256, config_hidden=16384, config_vocab=300_000,
-    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8)
+    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8,
+    request_kb=256, upload_files=2, temp_mb=2000, sessions=500, queue_size=64, generation_concurrency=2, chat_turns=16,
+    chat_chars=16000, record_chars=20000, file_chars=20_000_000, train_seconds=3600, train_cooldown_s=600,
+    visitors_disk_mb=30000)
 
 
 @dataclass(frozen=True)
@@ -265,6 +284,7 @@ class Policy:
     def make_room(self, visitor: Visitor, keep: tuple[Path, ...] = ()) -> None:
         """Keep a public visitor's folder under its quota: delete their oldest runs first (never those in
         `keep`, e.g. the running one); refuse when that is not enough."""
+        self._make_shared_room(visitor)
         quota = self.limits.session_disk_mb * 2**20
         if not quota or not visitor.runs_root.exists():
             return
@@ -277,6 +297,23 @@ class Policy:
                 raise PolicyError(key="err.policy.quota", mb=self.limits.session_disk_mb)
             shutil.rmtree(victims[0], ignore_errors=True)
             runs.remove(victims[0])
+
+
+    def _make_shared_room(self, visitor: Visitor) -> None:
+        """All visitors together stay under `visitors_disk_mb` (a new token is free, so a per-visitor quota alone
+        bounds nothing): over it, folders of other visitors idle for `visitor_idle_h` go, oldest first; when that
+        is not enough, the server is full for now."""
+        cap = self.limits.visitors_disk_mb * 2**20
+        everyone = Path(self.runs_root) / VISITORS_DIR
+        if not self.public or not cap or not everyone.is_dir():
+            return
+        folders = [(last_touched(p), p) for p in everyone.iterdir() if p.is_dir() and p.name != visitor.id]
+        idle_before = time.time() - self.limits.visitor_idle_h * 3600
+        expirable = sorted((t, p) for t, p in folders if t < idle_before)
+        while folder_bytes(everyone) > cap:
+            if not expirable:
+                raise PolicyError(key="err.policy.server_full")
+            shutil.rmtree(expirable.pop(0)[1], ignore_errors=True)
 
 
 # An absolute POSIX path of two or more parts, as it would appear inside a message.
@@ -330,6 +367,16 @@ def new_token() -> str:
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def last_touched(folder: Path) -> float:
+    """The newest modification time of a folder or anything directly in it or one level down."""
+    times = [folder.stat().st_mtime]
+    for child in folder.iterdir():
+        times.append(child.stat().st_mtime)
+        if child.is_dir():
+            times.extend(c.stat().st_mtime for c in child.iterdir())
+    return max(times)
 
 
 def is_loopback(host: str) -> bool:

@@ -67,8 +67,8 @@ def gr_error(call) -> str:
 
 def respond(ctx, checkpoint, message=PROMPT, max_new_tokens=8, request=None, trust=False):
     """Run the Compare tab's respond handler to the end; returns the last (base, tuned, titles...)."""
-    user = [{"role": "user", "content": message}]
-    outputs = list(ct.respond(ctx, user, list(user), "demo", str(checkpoint), trust, SYSTEM, max_new_tokens, False,
+    ctx.chats.add_user(ct._session(request), message)  # Send: the turn is kept on the server, not sent back
+    outputs = list(ct.respond(ctx, "demo", str(checkpoint), trust, SYSTEM, max_new_tokens, False,
                               0.7, 0.9, 50, 1.0, "en", None, request))
     return outputs[-1]
 

@@ -67,6 +67,13 @@ def hidden(app, handler, data: list, session: str) -> dict:
     return raw_call(app.url, fn_index(app.demo, handler), data, session)
 
 
+def say(app, c: Client, text: str = "hi") -> None:
+    """Send in Compare for client `c`'s session (the hidden step before /compare_respond): the server keeps the
+    turn; /compare_respond takes no history."""
+    sent = hidden(app, compare_tab.append_user, [text, "en"], c.session_hash)
+    assert sent["success"] and sent["data"][3] == "", sent
+
+
 def refused(call) -> str:
     with pytest.raises(AppError) as e:
         call()
@@ -87,9 +94,8 @@ def test_uploaded_model_code_never_runs_whatever_endpoint_names_its_folder(app, 
         lambda: c.predict(*api_args(c, "/estimate", top={"app.model": folder}), api_name="/estimate"),
         lambda: c.predict("sample", folder, 10, "en", None, api_name="/load_data"),
         lambda: c.predict(*api_args(c, "/start_training", top={"app.model": folder}), api_name="/start_training"),
-        lambda: c.predict([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], folder,
-                          "x/checkpoints/final", "s", 8, False, 0.7, 0.9, 50, 1.0, "en", None,
-                          api_name="/compare_respond"),
+        lambda: say(app, c) or c.predict(folder, "x/checkpoints/final", "s", 8, False, 0.7, 0.9, 50, 1.0, "en", None,
+                                         api_name="/compare_respond"),
     ]
     for attempt in attempts:
         assert REFUSED_MODEL in refused(attempt)
@@ -140,10 +146,10 @@ def test_server_files_are_never_read_as_data_and_errors_do_not_tell_if_they_exis
 def test_a_server_folder_is_never_a_model_or_a_checkpoint(app, secret, tmp_path):
     path, _ = secret
     c = client(app)
-    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     for checkpoint in (str(path.parent), "../x/checkpoints/final", str(app.root / "x" / "checkpoints" / "final"),
                        ".uploads/checkpoints/x"):
-        message = refused(lambda: c.predict(user, user, "demo", checkpoint, "s", 8, False, 0.7, 0.9, 50, 1.0, "en",
+        say(app, c)
+        message = refused(lambda: c.predict("demo", checkpoint, "s", 8, False, 0.7, 0.9, 50, 1.0, "en",
                                             None, api_name="/compare_respond"))
         assert "is not one of your checkpoints" in message and str(app.root) not in message
     assert REFUSED_MODEL in refused(lambda: c.predict(*api_args(c, "/estimate", top={"app.model": str(path.parent)}),
@@ -178,8 +184,8 @@ def test_a_visitor_sees_stops_and_reaches_only_their_own_runs(app):
     everything_bob_saw = json.dumps([busy, page, restored, listed], ensure_ascii=False)
     for secret_bit in ("alice-run", "alice-private", str(app.root)):
         assert secret_bit not in everything_bob_saw
-    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    stolen = refused(lambda: bob.predict(user, user, "demo", "alice-run/checkpoints/final", "s", 8, False, 0.7, 0.9,
+    say(app, bob)
+    stolen = refused(lambda: bob.predict("demo", "alice-run/checkpoints/final", "s", 8, False, 0.7, 0.9,
                                          50, 1.0, "en", None, api_name="/compare_respond"))
     assert "is not one of your checkpoints" in stolen
     bob_source = refused(lambda: bob.predict("upload:alice-private.json", "demo", 10, "en", None, api_name="/load_data"))
@@ -215,12 +221,13 @@ def test_too_many_ab_prompts_and_tokens_are_refused(app):
     raw = hidden(app, compare_tab.run_ab, ["demo", "r/checkpoints/final", None, "s", "pasted", 10**6, many, 8, 1.0,
                                            "en", None], "raw")
     assert not raw["success"]
-    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    tokens = refused(lambda: c.predict(user, user, "demo", "r/checkpoints/final", "s", PUBLIC_LIMITS.max_new_tokens + 1,
+    say(app, c)
+    tokens = refused(lambda: c.predict("demo", "r/checkpoints/final", "s", PUBLIC_LIMITS.max_new_tokens + 1,
                                        False, 0.7, 0.9, 50, 1.0, "en", None, api_name="/compare_respond"))
     assert "Value 513 is greater than maximum value 512" in tokens  # the slider's bound; the policy's is tested below
     respond = fn_index(app.demo, compare_tab.respond)
-    direct = raw_call(app.url, respond, [user, user, "demo", "r/checkpoints/final", None, "s",
+    raw_call(app.url, fn_index(app.demo, compare_tab.append_user), ["hi", "en"], "raw")
+    direct = raw_call(app.url, respond, ["demo", "r/checkpoints/final", None, "s",
                                          PUBLIC_LIMITS.max_new_tokens + 1, False, 0.7, 0.9, 50, 1.0, "en", None], "raw")
     assert not direct["success"]
 
@@ -229,13 +236,13 @@ def test_too_many_ab_prompts_and_tokens_are_refused(app):
 
 def test_a_lone_surrogate_is_refused_and_nobody_elses_stream_breaks(app):
     alice, mallory = client(app), client(app)
-    for source in ("\ud800", "sam\udfffple"):
+    for source in ("\ud800", "sam\udfffple"):  # refused by the guard before any handler (every event: test_guard_http)
         message = hidden(app, data_tab.on_load, [source, "demo", None, 10, "en", None, "", "", "", ""], "mallory")
-        assert not message["success"] and "lone surrogate" in message["error"]
+        assert not message["success"] and "invalid character U+D" in message["error"] and "lone surrogate" in message["error"]
     start = fn_index(app.demo, train_tab.on_start)
     named = raw_call(app.url, start, raw_inputs(app.demo, start, run_name="x\ud800", model="demo",
                                                 data_source="sample"), "mallory")
-    assert not named["success"] and "run_name contains an invalid character (a lone surrogate" in named["error"]
+    assert not named["success"] and "invalid character U+D800 in the request (a lone surrogate" in named["error"]
     bad_file = upload(app, "surrogate.json", b'[{"instruction": "a\\ud800", "output": "b"}]')
     loaded = hidden(app, data_tab.on_upload, [{"path": bad_file, "meta": {"_type": "gradio.FileData"}}, None], "m")
     assert loaded["success"]
@@ -254,3 +261,23 @@ def test_markdown_and_html_in_a_source_come_back_as_text(app):
     message = refused(lambda: c.predict("![x](http://example.invalid/x.png)<img src=http://example.invalid/y>",
                                         "demo", 10, "en", None, api_name="/load_data"))
     assert "<img" not in message and "![x]" not in message
+
+
+# ---------------------------------------------------------------- 6. fair use of one machine (round 2)
+
+def test_the_queue_and_the_sessions_kept_are_bounded_for_everyone(app):
+    httpx.get(app.url)  # the guard hands Gradio the session bound with the first request
+    assert app.demo._queue.max_size == PUBLIC_LIMITS.queue_size
+    assert app.demo.server_app.state_holder.capacity == PUBLIC_LIMITS.sessions
+
+
+def test_chat_answers_and_ab_tables_share_one_global_concurrency_limit(app):
+    generating = [(f.name, f.concurrency_limit) for f in app.demo.fns.values()
+                  if f.concurrency_id == "compare-generation"]
+    assert sorted(generating) == [(name, PUBLIC_LIMITS.generation_concurrency)
+                                  for name in ("respond", "respond", "run_ab")]  # Enter, Send, the A/B table
+
+
+def test_the_runner_bounds_a_runs_time_and_a_visitors_restarts(app):
+    assert (app.runner.max_seconds, app.runner.cooldown_s) == (PUBLIC_LIMITS.train_seconds,
+                                                              PUBLIC_LIMITS.train_cooldown_s)

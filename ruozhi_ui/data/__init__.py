@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import specs
 from ..errors import DataFormatError, first_line
+from ..bounds import check_records
 from .formats import FORMATS, ROLES, ColumnMap, parse_columns, parse_record, read_records
 from .records import (DatasetSplits, Record, Where, count_duplicates, join_instruction, split_records,
                       string_field)
@@ -232,6 +233,7 @@ def load_source(source: str, val_fraction: float = 0.05, seed: int = 42, uploads
         raise DataFormatError(key="err.data.unknown_source", source=source)
     if not train:
         raise DataFormatError(key="err.data.no_train", source=source)
+    check_records(train + val, origin)  # sizes bounded before anything tokenises them (bounds.py)
     duplicates = count_duplicates(train + val)
     notes = [f"{duplicates} duplicate record(s) found (same instruction and output)"] if duplicates else []
     return DatasetSplits(train=train, val=val, source=source, origin=origin, val_from_source=val_from_source,

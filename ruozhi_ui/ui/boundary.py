@@ -22,6 +22,7 @@ import gradio as gr
 
 from ..errors import RuozhiError, first_line
 from ..i18n import DEFAULT_LANG, t
+from ..safelog import escape_controls
 
 _MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
 
@@ -31,9 +32,14 @@ def md_text(text) -> str:
     return _MD_PUNCT.sub(r"\\\1", html.escape(str(text), quote=False))
 
 
+# What could end an inline code span or the line it is on: backticks, and every line break a Markdown parser
+# (or a browser) honours, \r and the Unicode separators included; other controls go too.
+_CODE_BREAKS = re.compile("[`\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def md_code(text) -> str:
-    """Inline code (paths, ids): shown literally; a backtick inside cannot close the span."""
-    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
+    """Inline code (paths, ids): shown literally on one line; nothing inside can close the span."""
+    return "`" + _CODE_BREAKS.sub(lambda m: "'" if m.group() == "`" else " ", str(text)) + "`"
 
 
 def _lang_of(arguments: dict) -> str:
@@ -72,7 +78,7 @@ def error_message(error: RuozhiError, arguments: dict, key: str | None) -> str:
     lang = _lang_of(arguments)
     text = error.localized(lang) if hasattr(error, "localized") else str(error)
     text = ctx.policy.redact(text) if ctx is not None else text
-    print(f"user error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)  # one line, no traceback
+    print(f"user error: {type(error).__name__}: {escape_controls(first_line(error))}", file=sys.stderr)  # one line
     text = t(key, lang, error=text) if key else text
     if ctx is not None and getattr(ctx, "errors", None) is not None:
         ctx.errors.record(session_of(arguments.get("request")), text)

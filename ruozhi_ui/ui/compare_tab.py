@@ -3,9 +3,13 @@
 Layout and wiring only; every handler is a module-level function of plain values
 (testable without a browser) that calls `generation`. A checkpoint is named by its
 path relative to the visitor's runs folder and resolved by the policy, so a public
-visitor reaches only their own. Each pane is titled with the exact weights it used.
-Stop both cancels the streaming event and sets the session's cancel events, so
-`generate()` itself stops, not just the UI.
+visitor reaches only their own. Each pane is titled with the exact weights it used, in
+the page's language. The conversation lives on the server (`chats.ChatStore`, per
+session): Send stores the turn, the answer reads it from there, and the panes only
+show what the server built, so no event ever takes a chat pane as input. Answers and
+A/B tables share one global concurrency limit and one slot per visitor. Stop both
+cancels the streaming event and sets the session's cancel events, so `generate()`
+itself stops, not just the UI.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import chats
 from .. import generation as g
 from ..config import DEFAULT_SYSTEM_PROMPT, REFERENCE_PROMPTS, GenConfig
 from ..data import load_source
@@ -24,15 +29,18 @@ from ..i18n import t
 from ..models import fetch_model_files
 from ..policy import Visitor
 from ..runs import checkpoint_names, newest_final
-from .boundary import bind, md_text, user_errors
+from .boundary import bind, md_code, md_text, user_errors
 from .context import AppContext
 from .texts import T
 
 AB_DEFAULT_PROMPTS = 50
 # The table as CSV, built in the browser: no file is written on the server and no server path is sent.
+# Numbers are written as they are (a negative length is not a formula); every text cell is neutralised.
 CSV_DOWNLOAD_JS = """(table) => {
     const rows = [table.headers, ...table.data];
-    const cell = (v) => '"' + String(v ?? '').replaceAll('"', '""') + '"';
+    // A cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) starts with a quote instead.
+    const text = (v) => { const s = String(v ?? ''); return /^[=+\\-@\\t\\r]/.test(s) ? "'" + s : s; };
+    const cell = (v) => '"' + text(v).replaceAll('"', '""') + '"';
     const csv = '\\ufeff' + rows.map(r => r.map(cell).join(',')).join('\\n');
     const a = document.createElement('a');
     a.href = URL.createObjectURL(new Blob([csv], {type: 'text/csv;charset=utf-8'}));
@@ -54,6 +62,7 @@ class CompareHandles:
     top_k: gr.Slider
     repetition_penalty: gr.Slider
     message: gr.Textbox
+    notice: gr.Markdown
     send: gr.Button
     stop: gr.Button
     clear: gr.Button
@@ -71,45 +80,6 @@ class CompareHandles:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-def content_text(content) -> str:
-    """A chat message's text: gradio 6 gives a string, a block list, or a dict (files carry no text)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text", "") if content.get("type", "text") == "text" else ""
-    if isinstance(content, (list, tuple)):
-        return "".join(content_text(part) for part in content)
-    return str(content)
-
-
-def _field(message, name: str):
-    return message.get(name) if isinstance(message, dict) else getattr(message, name, None)
-
-
-def history_pairs(history) -> list[tuple[str, str]]:
-    """Messages-format chat history -> (user, assistant) pairs; a trailing unanswered user turn is dropped."""
-    pairs, user = [], None
-    for message in history or []:
-        role, text = _field(message, "role"), content_text(_field(message, "content"))
-        if role == "user":
-            if user is not None:  # two user turns in a row: the first got no answer
-                pairs.append((user, ""))
-            user = text
-        elif role == "assistant" and user is not None:
-            pairs.append((user, text))
-            user = None
-    return pairs
-
-
-def pending_message(history) -> str | None:
-    """The last user turn still waiting for an answer, or None."""
-    if history and _field(history[-1], "role") == "user":
-        return content_text(_field(history[-1], "content"))
-    return None
-
 
 def gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty) -> GenConfig:
     """A repetition penalty of 0 (the slider's left end, its default) means the model's own."""
@@ -137,17 +107,49 @@ def checkpoint_choices(runs_root: Path) -> list[tuple[str, str]]:
 
 
 def base_title(spec: str, lang: str) -> str:
-    return t("compare.base_title", lang, label=g.describe_base(spec)) if spec else ""
+    """The base pane's title, in the page's language; the spec (a visitor's text) as inline code."""
+    if not spec:
+        return ""
+    name = t("compare.demo_model", lang) if spec.strip().lower() == "demo" else spec
+    return t("compare.pane_base", lang, label=md_code(name))
 
 
 def tuned_title(ctx: AppContext, visitor: Visitor, checkpoint: str | None, lang: str) -> str:
+    """The tuned pane's title: the checkpoint's name as the visitor picked it, and how it was trained."""
     if not checkpoint:
         return t("compare.tuned_none", lang)
     try:
         path = ctx.policy.resolve_checkpoint(checkpoint, visitor)
+        cfg = g.checkpoint_config(path)
     except RuozhiError:
-        return t("compare.tuned_title", lang, label=f"tuned: {checkpoint}")
-    return t("compare.tuned_title", lang, label=g.describe_checkpoint(path, shown=checkpoint))
+        path = cfg = None
+    how = ""
+    if cfg is not None:
+        base = md_code(t("compare.demo_model", lang) if cfg.model.spec == "demo" else cfg.model.spec)
+        kind = ("how_lora" if (path / "adapter_config.json").is_file()
+                else "how_merged" if cfg.method == "lora" else "how_full")
+        how = t(f"compare.{kind}", lang, r=cfg.lora_rank, base=base)
+    return t("compare.pane_tuned", lang, label=md_code(checkpoint), how=how)
+
+
+def settings_line(settings, lang: str) -> str:
+    """How a model decodes (decoding.DecodeSettings), in the page's language; '(model)' marks its own values."""
+    def mark(name: str) -> str:
+        return t("compare.dec_model", lang) if name in settings.from_model else ""
+
+    if settings.do_sample:
+        how = t("compare.dec_sampling", lang, mark=mark("do_sample"), temperature=f"{settings.temperature:g}",
+                t_mark=mark("temperature"), top_p=f"{settings.top_p:g}", p_mark=mark("top_p"), top_k=settings.top_k,
+                k_mark=mark("top_k"))
+    else:
+        how = t("compare.dec_greedy", lang, mark=mark("do_sample"))
+    penalty = (t("compare.dec_penalty", lang, value=f"{settings.repetition_penalty:g}",
+                 mark=mark("repetition_penalty")) if settings.repetition_penalty != 1.0
+               else t("compare.dec_no_penalty", lang, mark=mark("repetition_penalty")))
+    ends = ", ".join(settings.eos_tokens or map(str, settings.eos_token_ids))
+    stops = (t("compare.dec_stops", lang, ends=ends, mark=mark("eos_token_ids")) if settings.eos_token_ids
+             else t("compare.dec_never_stops", lang))
+    return " · ".join((how, penalty, stops, t("compare.dec_at_most", lang, n=settings.max_new_tokens)))
 
 
 # ---------------------------------------------------------------- cancel registry
@@ -158,6 +160,12 @@ _active_lock = threading.Lock()
 
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
+
+
+def _slot(ctx: AppContext, visitor: Visitor, request) -> str:
+    """Whose slot long work takes: a public visitor's (all their tabs share one), a local session's (the one
+    trusted user may chat in two tabs)."""
+    return visitor.id if ctx.policy.public else _session(request)
 
 
 def _register(request) -> threading.Event:
@@ -208,11 +216,21 @@ def on_base_change(spec: str, lang: str) -> str:
     return base_title(spec, lang)
 
 
-def append_user(message: str, base_history: list, tuned_history: list, lang: str) -> tuple[str, list, list]:
+def append_user(ctx: AppContext, message: str, lang: str, request: gr.Request = None):
+    """Send: the message becomes the session's pending turn on the server; the panes show the stored chat.
+    (box, base pane, tuned pane, notice). A refusal is one line in the notice, never an error over the panes."""
     if not isinstance(message, str) or not message.strip():
-        raise gr.Error(t("compare.err_empty", lang))
-    turn = {"role": "user", "content": message}
-    return "", [*(base_history or []), turn], [*(tuned_history or []), dict(turn)]
+        return gr.skip(), gr.skip(), gr.skip(), notice_line(t("compare.err_empty", lang))
+    try:
+        text = ctx.policy.check_text(message, "message", multiline=True)
+        turns = ctx.chats.add_user(_session(request), text)
+    except RuozhiError as e:
+        return gr.skip(), gr.skip(), gr.skip(), notice_line(ctx.policy.redact(e.localized(lang)))
+    return "", chats.messages(turns, "base"), chats.messages(turns, "tuned"), ""
+
+
+def notice_line(text: str) -> str:
+    return f"<span class='rz-error'>{md_text(text)}</span>"
 
 
 def load_pair(ctx: AppContext, visitor: Visitor, base_spec: str, checkpoint: str | None, trust_remote_code: bool,
@@ -231,10 +249,13 @@ def load_pair(ctx: AppContext, visitor: Visitor, base_spec: str, checkpoint: str
 
 
 @user_errors("compare.error")
-def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, lang: str,
+def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, lang: str, request: gr.Request = None,
                      progress=gr.Progress(track_tqdm=True)):
     """Before the first answer: download a Hub base model in its own event, so the base pane shows the
-    download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders."""
+    download's progress instead of a silent wait. A no-op once cached, for `demo` and for folders, and when
+    Send added nothing to answer."""
+    if chats.pending(ctx.chats.turns_of(_session(request))) is None:
+        return gr.skip()
     if not checkpoint:  # say so before a 1 GB download, not after
         raise GenerationError(key="compare.err_no_checkpoint")
     fetch_model_files(ctx.policy.check_model(base_spec or ""))
@@ -243,45 +264,48 @@ def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, la
 
 def with_settings(title: str, loaded, gen: GenConfig, lang: str) -> str:
     """A pane's title and, under it, how that model decodes (its own generation_config unless overridden)."""
-    return f"{title}  \n<small>{t('compare.decoding', lang, settings=md_text(g.describe_settings(loaded, gen)))}</small>"
+    line = md_text(settings_line(g.settings_for(loaded, gen), lang))
+    return f"{title}  \n<small>{t('compare.decoding', lang, settings=line)}</small>"
 
 
 @user_errors("compare.error")
-def respond(ctx: AppContext, base_history: list, tuned_history: list, base_spec: str, checkpoint: str | None,
-            trust_remote_code: bool, system_prompt: str, max_new_tokens, do_sample, temperature, top_p, top_k,
-            repetition_penalty, lang: str, token=None, request: gr.Request = None):
-    """Stream both answers into both panes; yields (base_history, tuned_history, base_title, tuned_title)."""
-    message = pending_message(base_history)
-    if message is None:  # append_user refused the input: nothing to answer
+def respond(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote_code: bool, system_prompt: str,
+            max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, lang: str, token=None,
+            request: gr.Request = None):
+    """Answer the session's pending turn (chats.ChatStore) with both models, streaming into both panes;
+    yields (base pane, tuned pane, base title, tuned title). The history is the server's, never the page's."""
+    session = _session(request)
+    turns = ctx.chats.turns_of(session)
+    message = chats.pending(turns)
+    if message is None:  # Send added nothing (empty, refused): nothing to answer
         return
     policy, visitor = ctx.policy, ctx.visitor_of(token, request)
-    policy.check_text(message, "message", multiline=True)
     policy.check_text(system_prompt, "system prompt", multiline=True)
     gen = gen_config_from_widgets(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty)
     policy.check_generation(gen.max_new_tokens)
-    base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
-    titles = (with_settings(base_title(base_spec, lang), base, gen, lang),
-              with_settings(tuned_title(ctx, visitor, checkpoint, lang), tuned, gen, lang))
-    history_base, history_tuned = history_pairs(base_history[:-1]), history_pairs(tuned_history[:-1])
-    for _, text in history_base + history_tuned:
-        policy.check_text(text, "conversation", multiline=True)
+    with ctx.long_work.hold(_slot(ctx, visitor, request)):
+        base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
+        titles = (with_settings(base_title(base_spec, lang), base, gen, lang),
+                  with_settings(tuned_title(ctx, visitor, checkpoint, lang), tuned, gen, lang))
 
-    def panes(base_text: str, tuned_text: str):
-        return ([*base_history, {"role": "assistant", "content": base_text}],
-                [*tuned_history, {"role": "assistant", "content": tuned_text}], *titles)
+        def panes(base_text: str, tuned_text: str):
+            return (chats.messages(turns, "base", base_text), chats.messages(turns, "tuned", tuned_text), *titles)
 
-    yield panes("", "")
-    cancel = _register(request)
-    texts = ("", "")
-    try:
-        for texts in g.stream_pair(base, tuned, message, history_base, history_tuned, system_prompt, gen, cancel):
-            yield panes(*texts)
-        empty = t("train.probe_empty", lang)
-        if not all(texts):  # a model that answers nothing at once gets a visible note, not an empty bubble
-            yield panes(texts[0] or empty, texts[1] or empty)
-    finally:
-        cancel.set()  # a cancelled event closes this generator: generate() must stop too
-        _unregister(request, cancel)
+        yield panes("", "")
+        cancel = _register(request)
+        texts = ("", "")
+        try:
+            for texts in g.stream_pair(base, tuned, message, chats.pairs(turns, "base"), chats.pairs(turns, "tuned"),
+                                       system_prompt, gen, cancel):
+                yield panes(*texts)
+            empty = t("train.probe_empty", lang)
+            if not all(texts):  # a model that answers nothing at once gets a visible note, not an empty bubble
+                texts = (texts[0] or empty, texts[1] or empty)
+                yield panes(*texts)
+        finally:
+            cancel.set()  # a cancelled event closes this generator: generate() must stop too
+            _unregister(request, cancel)
+            ctx.chats.answer(session, *texts)  # what the panes show, partial after a Stop
 
 
 def stop_generation(request: gr.Request = None) -> None:
@@ -291,8 +315,9 @@ def stop_generation(request: gr.Request = None) -> None:
             event.set()
 
 
-def clear_chats() -> tuple[list, list]:
-    return [], []
+def clear_chats(ctx: AppContext, request: gr.Request = None) -> tuple[list, list, str]:
+    ctx.chats.clear(_session(request))
+    return [], [], ""
 
 
 def ab_prompts(ctx: AppContext, visitor: Visitor, source: str, limit, pasted: str, checkpoint: str | None
@@ -334,33 +359,35 @@ def run_ab(ctx: AppContext, base_spec: str, checkpoint: str | None, trust_remote
            request: gr.Request = None):
     """Yield (loss markdown, table) as rows finish."""
     visitor = ctx.visitor_of(token, request)
-    prompts, references, records = ab_prompts(ctx, visitor, source, limit, pasted, checkpoint)
-    gen = gen_config_from_widgets(max_new_tokens, False, 1.0, 1.0, 0, repetition_penalty)
-    ctx.policy.check_generation(gen.max_new_tokens, len(prompts))
-    ctx.policy.check_text(system_prompt, "system prompt", multiline=True)
-    if not prompts:
-        raise ConfigError(key="compare.err_no_prompts")
-    base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
-    cancel = _register(request)
-    try:
-        if records:
-            data = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor)).data
-            losses = [g.validation_loss(m, records, system_prompt, data.max_source_length, data.max_target_length,
-                                        train_all_turns=data.train_all_turns,
-                                        label_truncated_end=data.label_truncated_end) for m in (base, tuned)]
-            loss_md = t("compare.ab_loss", lang, n=len(records), base=losses[0], tuned=losses[1])
-        else:
-            loss_md = t("compare.ab_no_loss", lang)
-        rows = []
-        yield loss_md + "\n\n" + t("compare.ab_progress", lang, done=0, total=len(prompts)), ab_dataframe(rows, lang)
-        for row in g.iter_batch_ab(base, tuned, prompts, references, system_prompt, gen, cancel, records or None):
-            rows.append(row)
-            progress = t("compare.ab_progress", lang, done=len(rows), total=len(prompts))
-            yield loss_md + "\n\n" + progress, ab_dataframe(rows, lang)
-        yield loss_md, ab_dataframe(rows, lang)
-    finally:
-        cancel.set()
-        _unregister(request, cancel)
+    with ctx.long_work.hold(_slot(ctx, visitor, request)):  # one A/B or answer at a time per visitor
+        prompts, references, records = ab_prompts(ctx, visitor, source, limit, pasted, checkpoint)
+        gen = gen_config_from_widgets(max_new_tokens, False, 1.0, 1.0, 0, repetition_penalty)
+        ctx.policy.check_generation(gen.max_new_tokens, len(prompts))
+        ctx.policy.check_text(system_prompt, "system prompt", multiline=True)
+        if not prompts:
+            raise ConfigError(key="compare.err_no_prompts")
+        base, tuned = load_pair(ctx, visitor, base_spec, checkpoint, trust_remote_code, lang)
+        cancel = _register(request)
+        try:
+            if records:
+                data = g.checkpoint_config(ctx.policy.resolve_checkpoint(checkpoint, visitor)).data
+                losses = [g.validation_loss(m, records, system_prompt, data.max_source_length, data.max_target_length,
+                                            train_all_turns=data.train_all_turns,
+                                            label_truncated_end=data.label_truncated_end) for m in (base, tuned)]
+                loss_md = t("compare.ab_loss", lang, n=len(records), base=losses[0], tuned=losses[1])
+            else:
+                loss_md = t("compare.ab_no_loss", lang)
+            rows = []
+            yield loss_md + "\n\n" + t("compare.ab_progress", lang, done=0, total=len(prompts)), ab_dataframe(rows, lang)
+            for row in g.iter_batch_ab(base, tuned, prompts, references, system_prompt, gen, cancel,
+                                           records or None):
+                rows.append(row)
+                progress = t("compare.ab_progress", lang, done=len(rows), total=len(prompts))
+                yield loss_md + "\n\n" + progress, ab_dataframe(rows, lang)
+            yield loss_md, ab_dataframe(rows, lang)
+        finally:
+            cancel.set()
+            _unregister(request, cancel)
 
 
 # ---------------------------------------------------------------- layout + wiring
@@ -396,6 +423,7 @@ def build(ctx: AppContext) -> CompareHandles:
             tuned_chat = gr.Chatbot(label=T("compare.tuned_chat"), elem_id="compare-tuned-chat", **chat)
     message = gr.Textbox(label=T("compare.input"), placeholder=T("compare.input_placeholder"), lines=1,
                          elem_id="compare-input")
+    notice = gr.Markdown(elem_id="compare-notice")  # a refused Send, as one line (no error over the panes)
     gr.Examples([[p] for p in REFERENCE_PROMPTS], inputs=[message], label=T("compare.examples"))
     with gr.Row():
         send = gr.Button(T("compare.send"), variant="primary", elem_id="compare-send")
@@ -418,7 +446,7 @@ def build(ctx: AppContext) -> CompareHandles:
     h = CompareHandles(
         checkpoint=checkpoint, refresh=refresh, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        message=message, send=send, stop=stop, clear=clear, base_label=base_label, tuned_label=tuned_label,
+        message=message, notice=notice, send=send, stop=stop, clear=clear, base_label=base_label, tuned_label=tuned_label,
         base_chat=base_chat, tuned_chat=tuned_chat, ab_source=ab_source, ab_limit=ab_limit, ab_prompts=ab_prompts_box,
         ab_run=ab_run, ab_loss=ab_loss, ab_table=ab_table, ab_csv=ab_csv)
     _wire(h, ctx)
@@ -437,27 +465,31 @@ def _wire(h: CompareHandles, ctx: AppContext) -> None:
                                     [h.checkpoint, h.system_prompt, ctx.lang, ctx.visitor],
                                     [h.system_prompt, h.tuned_label], queue=False, **private)
 
-    respond_inputs = [h.base_chat, h.tuned_chat, ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
-                      h.max_new_tokens, h.do_sample, h.temperature, h.top_p, h.top_k, h.repetition_penalty, ctx.lang,
-                      ctx.visitor]
+    # No chat pane is ever an input: the history lives on the server (chats.ChatStore), so no client copy,
+    # and none of the components a Chatbot message can name, is ever read or rebuilt.
+    respond_inputs = [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt, h.max_new_tokens,
+                      h.do_sample, h.temperature, h.top_p, h.top_k, h.repetition_penalty, ctx.lang, ctx.visitor]
     respond_outputs = [h.base_chat, h.tuned_chat, h.base_label, h.tuned_label]
-    append_io = dict(fn=append_user, inputs=[h.message, h.base_chat, h.tuned_chat, ctx.lang],
-                     outputs=[h.message, h.base_chat, h.tuned_chat], queue=False, **private)
+    # Decoding for everyone at once is bounded by one shared limit (chat answers and A/B tables together).
+    generation = dict(concurrency_limit=ctx.policy.limits.generation_concurrency, concurrency_id="compare-generation")
+    append_io = dict(fn=bind(append_user, ctx), inputs=[h.message, ctx.lang],
+                     outputs=[h.message, h.base_chat, h.tuned_chat, h.notice], queue=False, **private)
     fetch_io = dict(fn=bind(fetch_base_model, ctx), inputs=[ctx.model_spec, h.checkpoint, ctx.lang],
                     outputs=[h.base_chat], **private)
     respond_fn = bind(respond, ctx)
     fetch_submitted = h.message.submit(**append_io).success(**fetch_io)
-    submitted = fetch_submitted.success(respond_fn, respond_inputs, respond_outputs, api_name="compare_respond")
+    submitted = fetch_submitted.success(respond_fn, respond_inputs, respond_outputs, api_name="compare_respond",
+                                        **generation)
     fetch_clicked = h.send.click(**append_io).success(**fetch_io)
-    clicked = fetch_clicked.success(respond_fn, respond_inputs, respond_outputs, **private)
+    clicked = fetch_clicked.success(respond_fn, respond_inputs, respond_outputs, **private, **generation)
     ab = h.ab_run.click(bind(run_ab, ctx), [ctx.model_spec, h.checkpoint, ctx.trust_remote_code, h.system_prompt,
                                                h.ab_source, h.ab_limit, h.ab_prompts, h.max_new_tokens,
                                                h.repetition_penalty, ctx.lang, ctx.visitor],
-                        [h.ab_loss, h.ab_table], api_name="compare_ab")
+                        [h.ab_loss, h.ab_table], api_name="compare_ab", **generation)
     h.ab_csv.click(None, [h.ab_table], None, js=CSV_DOWNLOAD_JS, **private)
     h.stop.click(stop_generation, None, None, cancels=[fetch_submitted, submitted, fetch_clicked, clicked, ab],
                  queue=False, **private)
-    h.clear.click(clear_chats, None, [h.base_chat, h.tuned_chat], queue=False, **private)
+    h.clear.click(bind(clear_chats, ctx), None, [h.base_chat, h.tuned_chat, h.notice], queue=False, **private)
 
 
 def wire_page_load(load_event, tab: gr.Tab, ctx: AppContext, h: CompareHandles) -> None:

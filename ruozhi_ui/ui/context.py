@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from ..cache import LoadingLRU
+from ..chats import ChatStore
 from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import Policy, Visitor
+from ..slots import VisitorSlots
 from .boundary import LastErrors
 
 if TYPE_CHECKING:
@@ -46,6 +48,13 @@ class AppContext:
     stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits
     errors: LastErrors = field(default_factory=LastErrors)  # each session's last user error, shown beside its action
     hub: HubStatus | None = None  # whether the Hugging Face Hub answers (asked once at start-up)
+    chats: ChatStore | None = None  # Compare's conversations, per session, on the server (made from the policy)
+    long_work: VisitorSlots = field(default_factory=VisitorSlots)  # one A/B or chat answer at a time per visitor
+
+    def __post_init__(self):
+        if self.chats is None:
+            lim = self.policy.limits
+            self.chats = ChatStore(lim.sessions, lim.chat_turns, lim.chat_chars)
 
     def visitor_of(self, token: str | None, request: gr.Request | None) -> Visitor:
         return self.policy.visitor(token, getattr(request, "session_hash", None) or "")

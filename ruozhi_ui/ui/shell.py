@@ -22,6 +22,7 @@ from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import TOKEN, Policy, new_token, policy_from_env
 from . import compare_tab, data_tab, runs_tab, train_tab
+from . import guard
 from .boundary import bind
 from .boundary import md_code
 from .context import AppContext
@@ -61,7 +62,8 @@ CSS = """
 }
 """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
-LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES)
+# app_kwargs: the guard middleware (ui/guard.py) in front of every route; it reads the policy `build_app` installs.
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES, app_kwargs=guard.APP_KWARGS)
 # Gradio's own temp files (uploads are copied out of them at once) go after a day, checked hourly.
 DELETE_CACHE = (3600, 86400)
 
@@ -177,6 +179,7 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
                             **private)
         wire_language(demo, lang)
+    guard.install(demo, policy, runner)
     return demo
 
 
