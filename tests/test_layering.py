@@ -25,6 +25,7 @@ PACKAGE = ROOT / "ruozhi_ui"
 LAYERS = {
     "leaves": (0, ("errors", "i18n", "events", "specs", "capabilities", "anatomy", "cache")),
     "checkpoints": (1, ("checkpoints",)),
+    "bounds": (1, ("bounds", "chats", "slots", "safelog")),
     "config": (2, ("config",)),
     "runs": (2, ("runs",)),
     "policy": (2, ("policy",)),

@@ -31,6 +31,9 @@ ALLOWED = {
     ("ui/compare_tab.py", "_active"): "each session's running generations; the Compare tab's owner moves it into "
                                       "the app's context",
     ("ui/compare_tab.py", "_active_lock"): "guards _active",
+    ("bounds.py", "_bounds"): "the process's dataset size bounds, set by build_app from the policy so that the "
+                              "engine's own load_source (a run started without a Data-tab load) obeys them too; "
+                              "to become a load_source argument the run carries",
 }
 STATEFUL_MODULES = ("threading.", "queue.", "collections.")
 STATEFUL_BUILTINS = ("list", "set", "bytearray", "OrderedDict", "defaultdict", "deque", "Counter")
