@@ -50,6 +50,7 @@ class JobSnapshot:
     finished_at: float = 0.0
     owner: str = LOCAL  # who started it: "local" or a public visitor's id
     phase: str = ""  # "training" | "validating" | "probing" | "saving" while it runs
+    last_step_at: float = 0.0  # time.time() when the last StepLogged arrived: the ETA counts down from it
 
     @property
     def active(self) -> bool:
@@ -154,7 +155,7 @@ class JobRunner:
                 status = "stopping" if s.status == "stopping" else "running"
                 self._replace(status=status, started=event, run_dir=event.run_dir)
             elif isinstance(event, StepLogged):
-                self._replace(steps=s.steps + (event,))
+                self._replace(steps=s.steps + (event,), last_step_at=time.time())
             elif isinstance(event, PhaseChanged):
                 self._replace(phase=event.phase)
             elif isinstance(event, PrecisionChanged) and s.started is not None:  # fast layers were dropped

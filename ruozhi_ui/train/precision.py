@@ -63,6 +63,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def liger_available() -> bool:
+    """Liger-Kernel is installed only on Linux (requirements.txt's marker): without it the fused layer's
+    RMSNorm and rotary embedding run as plain torch, on CUDA too."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def make_optimizer(model, cfg: TrainConfig, prec: Precision) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if prec.stochastic_bf16_optimizer:

@@ -79,6 +79,20 @@ def offline_notice(model_spec: str, source: str, lang: str, look_at_disk: bool =
     return gr.update(visible=True), t("app.offline_notice", lang, model=md_code(model_spec), source=md_code(source))
 
 
+def offline_buttons(model_spec: str, source: str, look_at_disk: bool = True):
+    """The offline box offers only what is still to apply: "use demo" while the model is a Hub one, "use
+    sample" while the data is; once both are applied nothing is left to click."""
+    return (gr.update(visible=specs.model_kind(model_spec or "", look_at_disk) == "hub"),
+            gr.update(visible=specs.data_kind(source or "", look_at_disk) == "hub"))
+
+
+def offline_text(hub, model_spec: str, source: str, lang: str, look_at_disk: bool = True) -> str:
+    """A language switch: the offline box's text again, in the new language (shown or not, the page knows)."""
+    if hub is not None and not hub.online(wait_s=0):
+        return t("app.offline_start", lang)
+    return offline_notice(model_spec, source, lang, look_at_disk)[1] or gr.skip()
+
+
 def use_demo_model(source: str):
     """Switch to the offline model; the notice stays while the dataset still needs the Hub."""
     return "demo", gr.update(visible=needs_hub("demo", source, look_at_disk=False))
@@ -131,9 +145,12 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         with gr.Row(equal_height=True, elem_id="app-bar"):
             models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
             # Custom values pass Gradio so that the policy refuses them with its own words (public mode).
+            # Public mode's info texts offer only what public mode allows (no server folder, no file path).
+            info = ("app.model_info_public", "app.data_source_info_public") if policy.public else \
+                ("app.model_info", "app.data_source_info")
             model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=T("app.model"),
-                                     info=T("app.model_info"), elem_id="app-model", scale=3)
-            data_source = gr.Textbox(DEFAULT_DATASET, label=T("app.data_source"), info=T("app.data_source_info"),
+                                     info=T(info[0]), elem_id="app-model", scale=3)
+            data_source = gr.Textbox(DEFAULT_DATASET, label=T("app.data_source"), info=T(info[1]),
                                      elem_id="app-data-source", scale=3)
             # Public mode: no checkbox at all; only the operator's allowlist runs remote code (policy).
             trust = gr.State(False) if policy.public else gr.Checkbox(False, label=T("app.trust_remote_code"),
@@ -150,12 +167,14 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
                          trust_remote_code=trust, data_source=data_source, lang=lang, hub=hub)
         with gr.Tabs(elem_id="app-tabs") as tabs:
             data = data_tab.build(ctx)
-            train = train_tab.build(ctx, data.n_train)
+            train = train_tab.build(ctx, data.n_train, data.loaded_key)
             with gr.Tab(T("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
                 compare = compare_tab.build(ctx)
             runs = runs_tab.build(ctx)
         data_tab.wire(ctx, data, train.form)
-        visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private).then(
+        # The language comes first: every later page-load step reads it (it raced with the offline notice,
+        # which came up in Chinese on 2 of 12 English loads).
+        visitor_known = wire_language(demo, lang).then(ensure_visitor, [visitor], [visitor], **private).then(
             lambda m, s, lg: offline_start(hub, m, s, lg), [model_spec, data_source, lang],
             [model_spec, data_source, data.source_kind, offline_group, offline_md], **private)
         compare_tab.wire_page_load(visitor_known, compare_block, ctx, compare)
@@ -168,21 +187,28 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
 
         if not policy.public:
             trust.change(trust_warning, [trust, lang], [trust_md], **private)
+            lang.change(trust_warning, [trust, lang], [trust_md], **private)
         model_spec.change(model_note, [model_spec, lang], [note_md], **private)
+        lang.change(model_note, [model_spec, lang], [note_md], **private)
         look = not policy.public  # a public page never learns whether a server path exists
         data.load_event.failure(lambda m, s, lg: offline_notice(m, s, lg, look), [model_spec, data_source, lang],
                                 [offline_group, offline_md], **private)
         data.load_event.success(lambda: gr.update(visible=False), None, [offline_group], **private)
+        lang.change(lambda m, s, lg: offline_text(hub, m, s, lg, look), [model_spec, data_source, lang], [offline_md],
+                    **private)
+        for top in (model_spec, data_source):
+            top.change(lambda m, s: offline_buttons(m, s, look), [model_spec, data_source],
+                       [demo_button, sample_button], **private)
         demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
                             **private)
-        wire_language(demo, lang)
     return demo
 
 
-def wire_language(demo: gr.Blocks, lang: gr.Radio) -> None:
+def wire_language(demo: gr.Blocks, lang: gr.Radio):
     """The one switch: on page load the stored (or the browser's) language, on a click the new one; the
-    server re-renders every fixed text, and `lang.change` re-renders what handlers made."""
+    server re-renders every fixed text, and `lang.change` re-renders what handlers made. Returns the page-load
+    event, which every other page-load step follows."""
     items = translations(demo)
     components = [item.component for item in items]
 
@@ -190,5 +216,5 @@ def wire_language(demo: gr.Blocks, lang: gr.Radio) -> None:
         return [choice, *language_updates(items, choice)]
 
     private = dict(api_visibility="private", queue=False, show_progress="hidden")
-    demo.load(apply, [lang], [lang, *components], js=PICK_LANGUAGE_JS, **private)
     lang.input(apply, [lang], [lang, *components], js=STORE_LANGUAGE_JS, **private)
+    return demo.load(apply, [lang], [lang, *components], js=PICK_LANGUAGE_JS, **private)
