@@ -328,7 +328,9 @@ STRINGS: dict[str, dict[str, str]] = {
     # --- page and install (issue 24) ---
     "app.model_info_public": {"zh": "列表中的模型之一，或 demo（内置离线小模型）", "en": "One of the listed models, or demo (built-in offline tiny model)"},
     "app.data_source_info_public": {"zh": "Hub 数据集 id、上传的 .json/.jsonl 文件，或 sample（内置样例）", "en": "A Hub dataset id, an uploaded .json/.jsonl file, or sample (bundled)"},
-    "errors.title": {"zh": "出错了", "en": "Error"},
+    "errors.toast_error": {"zh": "出错了", "en": "Error"},
+    "errors.toast_warning": {"zh": "注意", "en": "Warning"},
+    "errors.toast_info": {"zh": "提示", "en": "Info"},
     "errors.details": {"zh": "详情", "en": "Details"},
     "errors.cause_in_details": {"zh": "原因见详情", "en": "see the details"},
     "err.form.min": {"zh": "{name} 至少为 {low}（现在是 {value}）", "en": "{name} must be at least {low} (got {value})"},

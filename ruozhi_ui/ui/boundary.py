@@ -142,7 +142,7 @@ def user_errors(key: str | None = None):
             message = html.escape(error_message(error, arguments, key), quote=False)  # a toast renders HTML
             cause = split_cause(error, lang)[1]
             cause = ctx.policy.redact(cause) if ctx is not None else cause
-            raise gr.Error(message + details_html(cause, lang), title=t("errors.title", lang),
+            raise gr.Error(message + details_html(cause, lang), title=t("errors.toast_error", lang),
                            print_exception=False) from None
 
         if inspect.isgeneratorfunction(fn):

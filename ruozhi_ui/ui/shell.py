@@ -25,7 +25,7 @@ from . import compare_tab, data_tab, runs_tab, train_tab
 from .boundary import bind
 from .boundary import md_code
 from .context import AppContext
-from .texts import PICK_LANGUAGE_JS, STORE_LANGUAGE_JS, T, language_updates, translations
+from .texts import PICK_LANGUAGE_JS, STORE_LANGUAGE_JS, T, language_updates, toast_title_css, translations
 
 LANG_CHOICES = (("中文", "zh"), ("English", "en"))
 VISITOR_STORAGE_KEY = "ruozhi-visitor"
@@ -53,15 +53,26 @@ CSS = """
 .rz-answer { white-space: pre-wrap; margin-top: 4px; }
 #compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: nowrap; }
 #compare-base-label, #compare-tuned-label { min-height: 2.6em; }
+.rz-details summary { cursor: pointer; font-weight: 500; }
+.rz-details code { display: block; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; }
+label span, [data-testid="block-info"] { overflow-wrap: anywhere; }
 @media (max-width: 640px) {
-  #app-bar { flex-wrap: wrap; }
-  #app-bar > * { min-width: 100% !important; }
+  /* Gradio puts a row's form fields into one .form box: stack them, one field a line */
+  #app-bar .form { flex-direction: column; }
+  #app-bar .form > * { min-width: 100% !important; }
+  #app-top { flex-wrap: wrap; }
   .rz-probes tbody th { width: auto; }
   #data-preview, #data-stats, #compare-ab-table, #runs-table { overflow-x: auto; }
+  /* a table keeps readable columns and scrolls sideways instead of cutting headers to one character */
+  #data-preview table, #compare-ab-table table, #runs-table table { min-width: 600px; }
+  /* Plotly's toolbar sat over the chart's label and legend; the chart's own label says what the axes say */
+  .js-plotly-plot .modebar-container { display: none !important; }
+  #train-loss-chart [data-testid="block-label"], #runs-chart [data-testid="block-label"] { display: none; }
+  #compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: normal; overflow-wrap: anywhere; }
 }
 """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
-LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES)
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS + toast_title_css(), max_file_size=MAX_FILE_BYTES)
 # Gradio's own temp files (uploads are copied out of them at once) go after a day, checked hourly.
 DELETE_CACHE = (3600, 86400)
 
@@ -202,6 +213,10 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
                             **private)
+    # With SYSTEM=spaces Gradio's page adds a Spaces header when it is opened outside huggingface.co's frame:
+    # it asks huggingface.co/api/spaces/... and loads Google Fonts from the browser. The page makes no outside
+    # request (the server asks the Hub, hub.py): without a space id the header is never built.
+    demo.space_id = None
     return demo
 
 

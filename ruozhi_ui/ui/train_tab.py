@@ -30,8 +30,9 @@ from .train_view import (error_markdown, poll_status_dict, probes_html, progress
                          render_status)
 
 # Start brings the live view into sight (the form is long: on a laptop the chart was below the fold).
-SCROLL_TO_PROGRESS_JS = """() => { const el = document.querySelector('#train-progress');
-    if (el) el.scrollIntoView({block: 'start'}); }"""
+# Once more a moment later: the start event's outputs still re-render above it and push it down.
+SCROLL_TO_PROGRESS_JS = """() => { const show = () => document.querySelector('#train-progress')
+    ?.scrollIntoView({block: 'start'}); show(); setTimeout(show, 400); setTimeout(show, 1200); }"""
 
 
 # --- Gradio handlers -------------------------------------------------------------------------
