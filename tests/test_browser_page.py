@@ -215,7 +215,6 @@ def test_start_brings_the_progress_into_view_and_stop_says_stopping_until_stoppe
     expect(page.locator("#train-action-status")).to_contain_text(f"page-{lang}")
     wait_progress(page, f"p.status === 'running' && p.step >= {HOLD_AT}")
     top = page.evaluate("() => document.querySelector('#train-progress').getBoundingClientRect().top")
-    page.screenshot(path=f"/tmp/shots/start-{lang}.png")
     assert 0 <= top < page.viewport_size["height"] / 2, top  # the progress line (and the chart under it) in sight
     expect(page.locator("#train-stop")).to_be_enabled()
     assert gate.held.wait(SLOW / 1000)
