@@ -15,6 +15,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def liger_available() -> bool:
+    """Liger-Kernel is installed only on Linux (requirements.txt's marker): without it the fused layer's
+    RMSNorm and rotary embedding run as plain torch, on CUDA too."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 # One CUDA graph capture at a time in the process: two decoders capturing at once (base and tuned warming
 # up together) failed on an H200 with "operation not permitted when stream is capturing". Eager work on
 # other threads during a capture is fine (thread_local capture mode). Everything that captures graphs in

@@ -128,7 +128,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "train.status_idle": {"zh": "空闲", "en": "Idle"},
     "train.status_starting": {"zh": "启动中（加载模型和数据）", "en": "Starting (loading model and data)"},
     "train.status_running": {"zh": "训练中", "en": "Running"},
-    "train.status_stopping": {"zh": "正在停止", "en": "Stopping"},
+    "train.status_stopping": {"zh": "正在停止…（完成当前步并保存）", "en": "Stopping… (finishing the step and saving)"},
     "train.status_finished": {"zh": "已完成", "en": "Finished"},
     "train.status_stopped": {"zh": "已停止", "en": "Stopped"},
     "train.status_failed": {"zh": "失败", "en": "Failed"},
@@ -372,6 +372,20 @@ STRINGS: dict[str, dict[str, str]] = {
     "err.data.file_chars": {"zh": "{name}：数据超过 {max} 个字符，超出本应用能读取的大小：请用小一些的文件", "en": "{name}: the dataset is over {max} characters, more than this app reads: use a smaller file"},
     "err.policy.server_full": {"zh": "服务器的存储空间暂时满了（所有访客共用）：请稍后再试", "en": "The server's storage, shared by all visitors, is full right now: try again later"},
     "err.job.cooldown": {"zh": "你的上一次训练刚结束：大约 {minutes} 分钟后才能再开始一次，让其他访客也能用这台机器", "en": "Your last run has just ended: you can start another in about {minutes} min, so that other visitors get the machine too"},
+    # --- page and install (issue 24) ---
+    "app.model_info_public": {"zh": "列表中的模型之一，或 demo（内置离线小模型）", "en": "One of the listed models, or demo (built-in offline tiny model)"},
+    "app.data_source_info_public": {"zh": "Hub 数据集 id、上传的 .json/.jsonl 文件，或 sample（内置样例）", "en": "A Hub dataset id, an uploaded .json/.jsonl file, or sample (bundled)"},
+    "errors.toast_error": {"zh": "出错了", "en": "Error"},
+    "errors.toast_warning": {"zh": "注意", "en": "Warning"},
+    "errors.toast_info": {"zh": "提示", "en": "Info"},
+    "errors.details": {"zh": "详情", "en": "Details"},
+    "errors.cause_in_details": {"zh": "原因见详情", "en": "see the details"},
+    "err.form.min": {"zh": "{name} 至少为 {low}（现在是 {value}）", "en": "{name} must be at least {low} (got {value})"},
+    "err.form.open_range": {"zh": "{name} 必须大于 {low} 且小于 {high}（现在是 {value}）", "en": "{name} must be above {low} and below {high} (got {value})"},
+    "err.form.half_open": {"zh": "{name} 必须不小于 {low} 且小于 {high}（现在是 {value}）", "en": "{name} must be at least {low} and below {high} (got {value})"},
+    "err.form.multiple": {"zh": "批大小（{batch}）必须是梯度累积步数（{accum}）的整数倍", "en": "The batch size ({batch}) must be a multiple of the gradient accumulation steps ({accum})"},
+    "train.warn_truncation": {"zh": "max_target_length 为 {tgt}，会截断已加载数据中 {share:.0%} 的回答（回答长度 p95 为 {p95:.0f} token）。可在数据页点“使用建议长度”。", "en": "max_target_length {tgt} cuts {share:.0%} of the loaded data's answers (their p95 is {p95:.0f} tokens). The Data tab’s “Use suggested lengths” sets it."},
+    "train.public_limits": {"zh": "公开模式的上限：轮数 ≤ {epochs}，步数 ≤ {max_steps}，批大小 ≤ {batch_size}，输入/回答长度 ≤ {max_source_length}/{max_target_length} token，LoRA 秩 ≤ {lora_rank}。", "en": "Public mode limits: epochs ≤ {epochs}, steps ≤ {max_steps}, batch size ≤ {batch_size}, source/answer length ≤ {max_source_length}/{max_target_length} tokens, LoRA rank ≤ {lora_rank}."},
 }
 
 

@@ -51,6 +51,7 @@ class JobSnapshot:
     finished_at: float = 0.0
     owner: str = LOCAL  # who started it: "local" or a public visitor's id
     phase: Phase | Literal[""] = ""  # while it runs
+    last_step_at: float = 0.0  # time.time() when the last StepLogged arrived: the ETA counts down from it
 
     @property
     def active(self) -> bool:
@@ -162,7 +163,7 @@ class JobRunner:
                 status = "stopping" if s.status == "stopping" else "running"
                 self._replace(status=status, started=event, run_dir=event.run_dir)
             elif isinstance(event, StepLogged):
-                self._replace(steps=s.steps + (event,))
+                self._replace(steps=s.steps + (event,), last_step_at=time.time())
                 if self.max_seconds and time.time() - s.started_at > self.max_seconds and not self._stop.is_set():
                     self._stop.set()  # over the policy's time: the engine saves and stops after this step
                     self._replace(status="stopping")

@@ -122,7 +122,8 @@ def loss_figure(steps: Sequence, evals: Sequence, lang: str = "zh") -> go.Figure
                                  marker=dict(color=COLORS["val"], size=10, symbol="diamond"),
                                  line=dict(color=COLORS["val"], dash="dot"),
                                  text=[f"epoch {e.epoch}" for e in evals]))
-    fig.update_xaxes(title_text=t("train.chart_xaxis", lang), rangemode="tozero")
+    # From the run's first step, not from 0: a continued run starts at step N + 1 (an empty 0..N band before).
+    fig.update_xaxes(title_text=t("train.chart_xaxis", lang), rangemode="normal")
     fig.update_yaxes(title_text=t("train.chart_yaxis", lang))
     return _base_layout(fig, 360)
 

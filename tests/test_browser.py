@@ -289,6 +289,7 @@ def test_one_switch_changes_every_label_and_a_reload_keeps_it(browser_page):
                       ("runs", "runs-chart")):
         _open_tab(page, tab)
         if tab == "data":  # a reloaded page starts with no data (offline: demo and sample are picked)
+            expect(page.locator("#app-data-source textarea")).to_have_value("sample")
             page.locator("#data-load").click()
         if plot:
             page.wait_for_function(f"() => {{ const gd = document.querySelector('#{plot} .js-plotly-plot');"

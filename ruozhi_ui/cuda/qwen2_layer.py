@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..capabilities import liger_available
+
 
 def fusable(config) -> bool:
     """A Qwen2 model with the features these kernels implement: SiLU, full causal attention, no dropout."""
@@ -80,7 +82,7 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2RMSNorm: weight * (x / rms(x)), the statistics in fp32 (Liger's kernel on CUDA)."""
-    if x.is_cuda:
+    if x.is_cuda and liger_available():
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         return LigerRMSNormFunction.apply(x.contiguous(), weight, eps, 0.0, "llama", False)
@@ -116,7 +118,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q and k (rows, length, heads, head_dim) rotated by their positions' angles (cos, sin: (1, length,
     head_dim)), returned as (rows, heads, length, head_dim) for attention: Liger's kernel on CUDA."""
-    if q.is_cuda:
+    if q.is_cuda and liger_available():
         from liger_kernel.ops.rope import LigerRopeFunction
 
         return LigerRopeFunction.apply(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), cos, sin)

@@ -167,6 +167,8 @@ class Run:
             self.writer.add_scalar(tag, value, step)
 
     def phase(self, name: str) -> None:
+        if name == "training":  # tok/s counts training time only: the window restarts after an epoch end
+            self.window[0], self.window[1] = 0, time.time()
         self.log(PhaseChanged(step=self.state.step, phase=name))
 
     def fell_back(self, description: str, reason: str) -> None:
@@ -186,7 +188,7 @@ class Run:
         self.window[2] += len(self.pending)
         step_s = (now - self.t0 - self.epoch_end_s) / self.window[2]
         epoch_ends_left = max(0, math.ceil(self.num_steps / self.steps_per_epoch) - self.epoch_ends)
-        eta = step_s * (self.num_steps - self.state.step) + self.epoch_end_s / max(self.epoch_ends, 1) * epoch_ends_left
+        eta = step_s * (self.num_steps - self.state.step) + self.epoch_end_s_estimate(step_s) * epoch_ends_left
         for (step, step_lr, _), value in zip(self.pending, losses):
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value} at step {step}")
@@ -197,6 +199,18 @@ class Run:
         self.last_train_loss = losses[-1]
         self.collect_saves(block=False)
         self.pending, self.window[0], self.window[1] = [], 0, now
+
+    def epoch_end_s_estimate(self, step_s: float) -> float:
+        """Seconds one epoch end (validation, probes, save) takes: measured once one has run; before that,
+        validation's forward passes priced at a third of a training step's batch (no backward, no optimizer
+        step) plus the probes' answers as one forward per new token. Without it the first epoch's ETA was
+        about half the truth."""
+        if self.epoch_ends:
+            return self.epoch_end_s / self.epoch_ends
+        forward_s = step_s / 3
+        val_batches = math.ceil(len(self.val_ex) / max(1, self.cfg.batch_size))
+        probe_tokens = self.cfg.probe_max_new_tokens if self.cfg.probe_prompts else 0
+        return forward_s * val_batches + forward_s / max(1, self.cfg.batch_size) * probe_tokens
 
     # --- checkpoints ----------------------------------------------------------------------
     def saved(self, path: Path, step: int, epoch: int, final: bool = False) -> None:

@@ -72,11 +72,29 @@ class LastErrors:
             return self._items.pop(session, "")
 
 
+def split_cause(error: RuozhiError, lang: str) -> tuple[str, str]:
+    """(the message in `lang`, its raw cause or ''). A cause is a library's own words (English, an exception
+    name): the message points to "details" in the page's language, the raw text goes into a fold."""
+    params = getattr(error, "params", None) or {}
+    if not getattr(error, "key", None) or "cause" not in params:
+        return (error.localized(lang) if hasattr(error, "localized") else str(error)), ""
+    plain = type(error)(key=error.key, **{**params, "cause": t("errors.cause_in_details", lang)})
+    return plain.localized(lang), str(params["cause"])
+
+
+def details_html(cause: str, lang: str) -> str:
+    """The raw cause folded away under "details", escaped (a toast renders HTML)."""
+    if not cause:
+        return ""
+    return (f"<details class='rz-details'><summary>{html.escape(t('errors.details', lang))}</summary>"
+            f"<code>{html.escape(cause)}</code></details>")
+
+
 def error_message(error: RuozhiError, arguments: dict, key: str | None) -> str:
     """The message a user sees, in their language, without server paths (public mode); plain text."""
     ctx = arguments.get("ctx")
     lang = _lang_of(arguments)
-    text = error.localized(lang) if hasattr(error, "localized") else str(error)
+    text, _ = split_cause(error, lang)
     text = ctx.policy.redact(text) if ctx is not None else text
     print(f"user error: {type(error).__name__}: {escape_controls(first_line(error))}", file=sys.stderr)  # one line
     text = t(key, lang, error=text) if key else text
@@ -126,8 +144,12 @@ def user_errors(key: str | None = None):
 
         def raise_for(error, args, kwargs):
             arguments = signature.bind_partial(*args, **kwargs).arguments
+            lang, ctx = _lang_of(arguments), arguments.get("ctx")
             message = html.escape(error_message(error, arguments, key), quote=False)  # a toast renders HTML
-            raise gr.Error(message, print_exception=False) from None
+            cause = split_cause(error, lang)[1]
+            cause = ctx.policy.redact(cause) if ctx is not None else cause
+            raise gr.Error(message + details_html(cause, lang), title=t("errors.toast_error", lang),
+                           print_exception=False) from None
 
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)

@@ -26,7 +26,7 @@ from . import guard
 from .boundary import bind
 from .boundary import md_code
 from .context import AppContext
-from .texts import PICK_LANGUAGE_JS, STORE_LANGUAGE_JS, T, language_updates, translations
+from .texts import PICK_LANGUAGE_JS, STORE_LANGUAGE_JS, T, language_updates, toast_title_css, translations
 
 LANG_CHOICES = (("中文", "zh"), ("English", "en"))
 VISITOR_STORAGE_KEY = "ruozhi-visitor"
@@ -54,16 +54,28 @@ CSS = """
 .rz-answer { white-space: pre-wrap; margin-top: 4px; }
 #compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: nowrap; }
 #compare-base-label, #compare-tuned-label { min-height: 2.6em; }
+.rz-details summary { cursor: pointer; font-weight: 500; }
+.rz-details code { display: block; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; }
+label span, [data-testid="block-info"] { overflow-wrap: anywhere; }
 @media (max-width: 640px) {
-  #app-bar { flex-wrap: wrap; }
-  #app-bar > * { min-width: 100% !important; }
+  /* Gradio puts a row's form fields into one .form box: stack them, one field a line */
+  #app-bar .form { flex-direction: column; }
+  #app-bar .form > * { min-width: 100% !important; }
+  #app-top { flex-wrap: wrap; }
   .rz-probes tbody th { width: auto; }
   #data-preview, #data-stats, #compare-ab-table, #runs-table { overflow-x: auto; }
+  /* a table keeps readable columns and scrolls sideways instead of cutting headers to one character */
+  #data-preview table, #compare-ab-table table, #runs-table table { min-width: 600px; }
+  /* Plotly's toolbar sat over the chart's label and legend; the chart's own label says what the axes say */
+  .js-plotly-plot .modebar-container { display: none !important; }
+  #train-loss-chart [data-testid="block-label"], #runs-chart [data-testid="block-label"] { display: none; }
+  #compare-base-chat .label-wrap, #compare-tuned-chat .label-wrap { white-space: normal; overflow-wrap: anywhere; }
 }
 """
 # max_file_size: Gradio refuses an upload data.py would refuse anyway, before it fills the temp folder.
 # app_kwargs: the guard middleware (ui/guard.py) in front of every route; it reads the policy `build_app` installs.
-LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=MAX_FILE_BYTES, app_kwargs=guard.APP_KWARGS)
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS + toast_title_css(), max_file_size=MAX_FILE_BYTES,
+                     app_kwargs=guard.APP_KWARGS)
 # Gradio's own temp files (uploads are copied out of them at once) go after a day, checked hourly.
 DELETE_CACHE = (3600, 86400)
 
@@ -79,6 +91,20 @@ def offline_notice(model_spec: str, source: str, lang: str, look_at_disk: bool =
     if not needs_hub(model_spec, source, look_at_disk):
         return gr.update(visible=False), ""
     return gr.update(visible=True), t("app.offline_notice", lang, model=md_code(model_spec), source=md_code(source))
+
+
+def offline_buttons(model_spec: str, source: str, look_at_disk: bool = True):
+    """The offline box offers only what is still to apply: "use demo" while the model is a Hub one, "use
+    sample" while the data is; once both are applied nothing is left to click."""
+    return (gr.update(visible=specs.model_kind(model_spec or "", look_at_disk) == "hub"),
+            gr.update(visible=specs.data_kind(source or "", look_at_disk) == "hub"))
+
+
+def offline_text(hub, model_spec: str, source: str, lang: str, look_at_disk: bool = True) -> str:
+    """A language switch: the offline box's text again, in the new language (shown or not, the page knows)."""
+    if hub is not None and not hub.online(wait_s=0):
+        return t("app.offline_start", lang)
+    return offline_notice(model_spec, source, lang, look_at_disk)[1] or gr.skip()
 
 
 def use_demo_model(source: str):
@@ -133,9 +159,12 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
         with gr.Row(equal_height=True, elem_id="app-bar"):
             models = list(policy.allowed_models) if policy.public else [DEFAULT_MODEL, "demo"]
             # Custom values pass Gradio so that the policy refuses them with its own words (public mode).
+            # Public mode's info texts offer only what public mode allows (no server folder, no file path).
+            info = ("app.model_info_public", "app.data_source_info_public") if policy.public else \
+                ("app.model_info", "app.data_source_info")
             model_spec = gr.Dropdown(models, value=DEFAULT_MODEL, allow_custom_value=True, label=T("app.model"),
-                                     info=T("app.model_info"), elem_id="app-model", scale=3)
-            data_source = gr.Textbox(DEFAULT_DATASET, label=T("app.data_source"), info=T("app.data_source_info"),
+                                     info=T(info[0]), elem_id="app-model", scale=3)
+            data_source = gr.Textbox(DEFAULT_DATASET, label=T("app.data_source"), info=T(info[1]),
                                      elem_id="app-data-source", scale=3)
             # Public mode: no checkbox at all; only the operator's allowlist runs remote code (policy).
             trust = gr.State(False) if policy.public else gr.Checkbox(False, label=T("app.trust_remote_code"),
@@ -152,12 +181,14 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
                          trust_remote_code=trust, data_source=data_source, lang=lang, hub=hub)
         with gr.Tabs(elem_id="app-tabs") as tabs:
             data = data_tab.build(ctx)
-            train = train_tab.build(ctx, data.n_train)
+            train = train_tab.build(ctx, data.n_train, data.loaded_key)
             with gr.Tab(T("app.compare_tab"), id="compare", elem_id="tab-compare") as compare_block:
                 compare = compare_tab.build(ctx)
             runs = runs_tab.build(ctx)
         data_tab.wire(ctx, data, train.form)
-        visitor_known = demo.load(ensure_visitor, [visitor], [visitor], **private).then(
+        # The language comes first: every later page-load step reads it (it raced with the offline notice,
+        # which came up in Chinese on 2 of 12 English loads).
+        visitor_known = wire_language(demo, lang).then(ensure_visitor, [visitor], [visitor], **private).then(
             lambda m, s, lg: offline_start(hub, m, s, lg), [model_spec, data_source, lang],
             [model_spec, data_source, data.source_kind, offline_group, offline_md], **private)
         compare_tab.wire_page_load(visitor_known, compare_block, ctx, compare)
@@ -170,22 +201,33 @@ def build_app(runner: JobRunner | None = None, runs_root: Path | None = None, po
 
         if not policy.public:
             trust.change(trust_warning, [trust, lang], [trust_md], **private)
+            lang.change(trust_warning, [trust, lang], [trust_md], **private)
         model_spec.change(model_note, [model_spec, lang], [note_md], **private)
+        lang.change(model_note, [model_spec, lang], [note_md], **private)
         look = not policy.public  # a public page never learns whether a server path exists
         data.load_event.failure(lambda m, s, lg: offline_notice(m, s, lg, look), [model_spec, data_source, lang],
                                 [offline_group, offline_md], **private)
         data.load_event.success(lambda: gr.update(visible=False), None, [offline_group], **private)
+        lang.change(lambda m, s, lg: offline_text(hub, m, s, lg, look), [model_spec, data_source, lang], [offline_md],
+                    **private)
+        for top in (model_spec, data_source):
+            top.change(lambda m, s: offline_buttons(m, s, look), [model_spec, data_source],
+                       [demo_button, sample_button], **private)
         demo_button.click(use_demo_model, [data_source], [model_spec, offline_group], **private)
         sample_button.click(use_bundled_sample, [model_spec], [data_source, data.source_kind, offline_group],
                             **private)
-        wire_language(demo, lang)
     guard.install(demo, policy, runner)
+    # With SYSTEM=spaces Gradio's page adds a Spaces header when it is opened outside huggingface.co's frame:
+    # it asks huggingface.co/api/spaces/... and loads Google Fonts from the browser. The page makes no outside
+    # request (the server asks the Hub, hub.py): without a space id the header is never built.
+    demo.space_id = None
     return demo
 
 
-def wire_language(demo: gr.Blocks, lang: gr.Radio) -> None:
+def wire_language(demo: gr.Blocks, lang: gr.Radio):
     """The one switch: on page load the stored (or the browser's) language, on a click the new one; the
-    server re-renders every fixed text, and `lang.change` re-renders what handlers made."""
+    server re-renders every fixed text, and `lang.change` re-renders what handlers made. Returns the page-load
+    event, which every other page-load step follows."""
     items = translations(demo)
     components = [item.component for item in items]
 
@@ -193,5 +235,5 @@ def wire_language(demo: gr.Blocks, lang: gr.Radio) -> None:
         return [choice, *language_updates(items, choice)]
 
     private = dict(api_visibility="private", queue=False, show_progress="hidden")
-    demo.load(apply, [lang], [lang, *components], js=PICK_LANGUAGE_JS, **private)
     lang.input(apply, [lang], [lang, *components], js=STORE_LANGUAGE_JS, **private)
+    return demo.load(apply, [lang], [lang, *components], js=PICK_LANGUAGE_JS, **private)

@@ -20,13 +20,30 @@ from ..i18n import DEFAULT_LANG, LANGS, t
 
 STORAGE_KEY = "ruozhi-lang"
 # Page load: the language stored by an earlier visit, else the browser's (zh for any Chinese locale).
+# The page's <html lang> follows the choice (screen readers, and the CSS that titles Gradio's toasts).
 PICK_LANGUAGE_JS = f"""() => {{
     const stored = window.localStorage.getItem('{STORAGE_KEY}');
-    if (stored === 'zh' || stored === 'en') return stored;
-    return (navigator.language || 'en').toLowerCase().startsWith('zh') ? 'zh' : 'en';
+    const lang = (stored === 'zh' || stored === 'en') ? stored
+        : (navigator.language || 'en').toLowerCase().startsWith('zh') ? 'zh' : 'en';
+    document.documentElement.lang = lang;
+    return lang;
 }}"""
 # A switch: remember it for the next visit, then let the server re-render the page's texts.
-STORE_LANGUAGE_JS = f"""(lang) => {{ window.localStorage.setItem('{STORAGE_KEY}', lang); return lang; }}"""
+STORE_LANGUAGE_JS = f"""(lang) => {{ window.localStorage.setItem('{STORAGE_KEY}', lang);
+    document.documentElement.lang = lang; return lang; }}"""
+TOAST_KINDS = ("error", "warning", "info")
+
+
+def toast_title_css() -> str:
+    """Gradio 6.31 titles a toast with its kind in English ("Error") whatever gr.Error(title=) says; this CSS
+    writes the title in the page's language instead, keyed on <html lang>."""
+    rules = [".toast-title { font-size: 0 !important; }",
+             ".toast-title::before { font-size: var(--text-md, 14px); }"]
+    for kind in TOAST_KINDS:
+        for lang in LANGS:
+            scope = "" if lang == DEFAULT_LANG else f'html[lang="{lang}"] '
+            rules.append(f'{scope}.toast-title.{kind}::before {{ content: "{t(f"errors.toast_{kind}", lang)}"; }}')
+    return "\n".join(rules)
 TEXT_PROPS = ("label", "info", "placeholder")
 
 
