@@ -229,3 +229,13 @@ def test_the_app_process_never_initialises_cuda_in_zerogpu_mode(cfg, tmp_path):
     snap = runner.snapshot()
     assert (snap.status, snap.error) == ("finished", "")
     assert snap.started.device == "cpu" and not torch.cuda.is_initialized()
+
+
+def test_the_train_tabs_estimate_tells_a_zerogpu_visitor_the_quota_it_spends(cfg, monkeypatch):
+    import ruozhi_ui.zerogpu as zerogpu
+    from ruozhi_ui.ui.train_tab import preflight_markdown
+
+    plain = preflight_markdown(cfg, 12, "en")
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda: True)
+    assert preflight_markdown(cfg, 12, "en") == plain + (
+        "\n\nThis run uses your ZeroGPU quota: one GPU lease of up to about 32 s")

@@ -85,11 +85,8 @@ def quota_text(plan: LeasePlan, lang: str) -> str:
              longest=max(lease.duration_s for lease in plan.leases))
 
 
-def visitor_plan(cfg, n_train: int, max_lease_s: int, lang: str, check_config=None) -> str:
-    """The Train tab's line for `cfg` over `n_train` examples (the pre-flight estimate gives steps and size)."""
-    from ..preflight import estimate
-
-    est = estimate(cfg, n_train, check_config)
+def visitor_plan(cfg, est, n_train: int, max_lease_s: int, lang: str) -> str:
+    """The Train tab's line for `cfg` over `n_train` examples, from its pre-flight `Estimate` ("" without steps)."""
     if not est.num_steps:
         return ""
     steps_per_epoch = max(1, math.ceil(n_train / max(1, cfg.batch_size)))

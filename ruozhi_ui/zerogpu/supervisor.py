@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import tempfile
 import threading
@@ -28,19 +27,13 @@ from ..errors import RuozhiError
 from ..events import CheckpointSaved, EmitFn, JobFailed, JobFinished, RunStarted, StepLogged
 from ..i18n import t
 from ..worker_protocol import EVENTS, STOP, EventTail
+from . import max_lease_s
 from .lease import LeaseResult, LeaseSpec
 from .plan import LeaseCosts, LeasePlan, costs_for, plan_leases
 
 POLL_S = 0.2
-DEFAULT_MAX_LEASE_S = 120  # ZeroGPU's default lease is 60 s; signed-in visitors may ask for more (a Space sets this)
-MAX_LEASE_ENV = "RUOZHI_ZEROGPU_MAX_LEASE_S"
 PlatformRefusal = Literal["quota", "duration", "queue", "aborted", "error"]
 Runner = Callable[[LeaseSpec], LeaseResult]
-
-
-def max_lease_s() -> int:
-    """The longest lease this Space asks for (its owner may set RUOZHI_ZEROGPU_MAX_LEASE_S)."""
-    return int(os.environ.get(MAX_LEASE_ENV, DEFAULT_MAX_LEASE_S))
 
 
 def refusal_kind(error: BaseException) -> PlatformRefusal:
