@@ -239,3 +239,38 @@ def test_the_train_tabs_estimate_tells_a_zerogpu_visitor_the_quota_it_spends(cfg
     monkeypatch.setattr(zerogpu, "on_zerogpu", lambda: True)
     assert preflight_markdown(cfg, 12, "en") == plain + (
         "\n\nThis run uses your ZeroGPU quota: one GPU lease of up to about 32 s")
+
+
+# --- Compare and A/B through leases ------------------------------------------------------------------
+def test_compare_streams_the_same_answers_through_a_lease(three_leases):
+    from ruozhi_ui.config import GenConfig
+    from ruozhi_ui.generation import ModelCache, stream_pair
+    from ruozhi_ui.zerogpu.compare import PairRequest, pair_duration, stream_pair_in_lease
+
+    final = str(three_leases[0])
+    gen = GenConfig(max_new_tokens=6)
+    request = PairRequest(base_spec="demo", tuned_path=final, base_trust_remote_code=False,
+                          tuned_trust_remote_code=False, message="你好", history_base=(), history_tuned=(("一", "二"),),
+                          system_prompt="你是一个有帮助的助手", gen=gen)
+    through = list(standin.StandInLeases(stream_pair_in_lease, kill_after_s=600)(request))  # before this
+    models = ModelCache()  # process loads any model: a fork must not inherit its decoders' threads and locks
+    here = list(stream_pair(models.get("demo"), models.get(final), "你好", (), (("一", "二"),), "你是一个有帮助的助手",
+                            gen, threading.Event()))
+    assert through == here and through[-1][1]
+    assert pair_duration(request) == 21
+
+
+def test_ab_rows_come_back_the_same_through_a_lease(three_leases):
+    from ruozhi_ui.config import GenConfig
+    from ruozhi_ui.generation import ModelCache, batch_ab
+    from ruozhi_ui.zerogpu.compare import ABRequest, ab_duration, iter_batch_ab_in_lease
+
+    final, prompts = str(three_leases[0]), ("你好", "为什么天是蓝的", "一加一")
+    gen = GenConfig(max_new_tokens=5)
+    request = ABRequest(base_spec="demo", tuned_path=final, base_trust_remote_code=False, tuned_trust_remote_code=False,
+                        prompts=prompts, references=None, system_prompt="", gen=gen)
+    rows = list(standin.StandInLeases(iter_batch_ab_in_lease, kill_after_s=600)(request))
+    models = ModelCache()
+    here = batch_ab(models.get("demo"), models.get(final), list(prompts), None, "", gen)
+    assert sorted(rows, key=lambda r: r["index"]) == here
+    assert ab_duration(request) == 21
