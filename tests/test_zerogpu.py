@@ -274,3 +274,15 @@ def test_ab_rows_come_back_the_same_through_a_lease(three_leases):
     here = batch_ab(models.get("demo"), models.get(final), list(prompts), None, "", gen)
     assert sorted(rows, key=lambda r: r["index"]) == here
     assert ab_duration(request) == 21
+
+
+def test_a_job_runs_in_the_context_of_the_request_that_started_it(tmp_path):
+    """`spaces` reads the visitor's request from a ContextVar to charge a lease to their quota."""
+    import contextvars
+
+    request, seen = contextvars.ContextVar("request"), []
+    runner = JobRunner(tmp_path, train_fn=lambda c, emit, stop, root: seen.append(request.get(None)))
+    request.set("visitor-1")
+    runner.start(TrainConfig(model=ModelConfig(spec="demo"), data=DataConfig(source="sample"), device="cpu"))
+    assert runner.wait(60)
+    assert seen == ["visitor-1"]

@@ -156,7 +156,7 @@ def train_in_leases(cfg: TrainConfig, emit: EmitFn, stop_event: threading.Event,
                              continue_in=watch.run_dir, until_step=share.until_step if share else 2 ** 31,
                              duration_s=share.duration_s if share else limit, reserve_s=costs.save_s * 2)
             before, watch.end, watch.offset_s = watch.step, None, time.time() - watch.t0
-            result, error = call_lease(runner, spec, watch, tail, stop_event)
+            _, error = call_lease(runner, spec, watch, tail, stop_event)
             end = watch.end
             if error is not None:
                 watch.fail(*refusal_text(refusal_kind(error), spec, watch, error))
