@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     from ruozhi_ui.checkpoints import runs_root
     from ruozhi_ui.policy import policy_from_env
     from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
+    from ruozhi_ui.zerogpu import on_zerogpu
+
+    if on_zerogpu():  # ZeroGPU registers the @spaces.GPU functions that exist when the app launches
+        import ruozhi_ui.zerogpu.gpu  # noqa: F401
 
     host = pick_host(args.host)
     policy = policy_from_env(runs_root(), host)  # public on a Space or any non-loopback host; RUOZHI_MODE decides

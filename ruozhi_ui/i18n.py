@@ -386,6 +386,19 @@ STRINGS: dict[str, dict[str, str]] = {
     "err.form.multiple": {"zh": "批大小（{batch}）必须是梯度累积步数（{accum}）的整数倍", "en": "The batch size ({batch}) must be a multiple of the gradient accumulation steps ({accum})"},
     "train.warn_truncation": {"zh": "max_target_length 为 {tgt}，会截断已加载数据中 {share:.0%} 的回答（回答长度 p95 为 {p95:.0f} token）。可在数据页点“使用建议长度”。", "en": "max_target_length {tgt} cuts {share:.0%} of the loaded data's answers (their p95 is {p95:.0f} tokens). The Data tab’s “Use suggested lengths” sets it."},
     "train.public_limits": {"zh": "公开模式的上限：轮数 ≤ {epochs}，步数 ≤ {max_steps}，批大小 ≤ {batch_size}，输入/回答长度 ≤ {max_source_length}/{max_target_length} token，LoRA 秩 ≤ {lora_rank}。", "en": "Public mode limits: epochs ≤ {epochs}, steps ≤ {max_steps}, batch size ≤ {batch_size}, source/answer length ≤ {max_source_length}/{max_target_length} tokens, LoRA rank ≤ {lora_rank}."},
+    # --- zerogpu (training in ZeroGPU leases) ---
+    "zerogpu.plan_one": {"zh": "这次训练用你的 ZeroGPU 额度：一次 GPU 租用，最多约 {seconds} 秒", "en": "This run uses your ZeroGPU quota: one GPU lease of up to about {seconds} s"},
+    "zerogpu.plan_many": {"zh": "这次训练用你的 ZeroGPU 额度：分 {leases} 次 GPU 租用，共约 {seconds} 秒（每次最多 {longest} 秒），每次从上一次的检查点接着训练", "en": "This run uses your ZeroGPU quota: {leases} GPU leases, about {seconds} s in all (at most {longest} s each), each going on from the checkpoint the last one saved"},
+    "err.zerogpu.lease_too_short": {"zh": "一次 GPU 租用最多 {seconds} 秒，装不下一步训练加上启动和保存（约需 {need} 秒）：请减小 batch_size 或最大长度", "en": "A GPU lease of at most {seconds} s cannot hold one step with its start and save (about {need} s): lower batch_size or the max lengths"},
+    "zerogpu.failed.quota": {"zh": "ZeroGPU 额度用完了（第 {step}/{steps} 步）：{detail}", "en": "ZeroGPU quota used up (at step {step} of {steps}): {detail}"},
+    "zerogpu.failed.duration": {"zh": "ZeroGPU 不允许租用 {seconds} 秒这么长：{detail}", "en": "ZeroGPU does not allow a lease of {seconds} s: {detail}"},
+    "zerogpu.failed.queue": {"zh": "等不到空闲的 ZeroGPU（第 {step}/{steps} 步）：{detail}", "en": "No ZeroGPU became free in time (at step {step} of {steps}): {detail}"},
+    "zerogpu.failed.aborted": {"zh": "GPU 租用在 {seconds} 秒时被平台结束（第 {step}/{steps} 步），没来得及保存", "en": "The platform ended the GPU lease at its {seconds} s (at step {step} of {steps}) before it could save"},
+    "zerogpu.failed.error": {"zh": "ZeroGPU 出错（第 {step}/{steps} 步）：{detail}", "en": "ZeroGPU error (at step {step} of {steps}): {detail}"},
+    "zerogpu.failed.no_end": {"zh": "第 {lease} 次 GPU 租用结束了，但没有报告训练结果", "en": "GPU lease {lease} ended without reporting how the run went"},
+    "zerogpu.failed.no_progress": {"zh": "一次 {seconds} 秒的 GPU 租用没能训练一步（停在第 {step} 步）：请减小 batch_size 或最大长度", "en": "A GPU lease of {seconds} s took no step (still at step {step}): lower batch_size or the max lengths"},
+    "zerogpu.hint.checkpoint": {"zh": "最后保存的检查点 {checkpoint} 可以加载；额度恢复后可以从它继续训练（训练记录页）", "en": "The last checkpoint saved, {checkpoint}, loads; continue the run from it once you have quota again (Runs tab)"},
+    "zerogpu.hint.none": {"zh": "还没有保存任何检查点；请稍后再试", "en": "No checkpoint was saved yet; try again later"},
 }
 
 

@@ -12,6 +12,7 @@ tells another visitor that the machine is busy and for how long, nothing more.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
 import time
@@ -104,8 +105,9 @@ class JobRunner:
                                      config=config_to_dict(cfg), started_at=time.time(), owner=owner)
             self._remember()
             root = Path(runs_root) if runs_root else self.runs_root
-            self._thread = threading.Thread(target=self._run, args=(cfg, self._stop, root), name="ruozhi-train",
-                                            daemon=True)
+            # the run sees the caller's context: on ZeroGPU the visitor's request, whose quota pays each lease
+            self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, cfg, self._stop, root),
+                                            name="ruozhi-train", daemon=True)
             self._thread.start()
             return self._snap
 

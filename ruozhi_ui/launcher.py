@@ -27,32 +27,26 @@ from pathlib import Path
 
 from .config import TrainConfig, save_config, validate
 from .errors import ConfigError, RuozhiError
-from .events import CheckpointSaved, EmitFn, JobFailed, JobFinished, RunStarted, event_from_json
+from .events import CheckpointSaved, EmitFn, JobFailed, JobFinished, RunStarted
+from .worker_protocol import CONFIG, EVENTS, LOGS, STOP, EventTail, die_with_parent
+from .zerogpu import on_zerogpu
+from .zerogpu.supervisor import train_in_leases
 
-# the launch folder, shared with the ranks (train/worker.py)
-EVENTS, STOP, CONFIG, LOGS = "events.jsonl", "stop", "config.json", "logs"
 POLL_S = 0.2
 LOG_TAIL_LINES = 15
 WORKER = ("-m", "ruozhi_ui.train.worker")
 
 
 def train(cfg: TrainConfig, emit: EmitFn, stop_event: threading.Event, runs_root: Path) -> Path | None:
-    """A run in this process (one device), or on `cfg.gpus` processes under torchrun."""
+    """A run in this process (one device), on `cfg.gpus` processes under torchrun, or, on a ZeroGPU
+    Space, in GPU leases (this process never touches CUDA there)."""
+    if on_zerogpu():
+        return train_in_leases(cfg, emit, stop_event, runs_root)
     if cfg.gpus > 1:
         return train_on_ranks(cfg, emit, stop_event, runs_root)
     from .train import train as train_here  # imported late: torch loads only when training starts
 
     return train_here(cfg, emit=emit, stop_event=stop_event, runs_root=runs_root)
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send `sig` to this process when its parent exits (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def available_gpus() -> int:
@@ -77,24 +71,6 @@ def check_devices(cfg: TrainConfig) -> None:
 def torchrun_command(cfg: TrainConfig, control: Path, runs_root: Path, worker=WORKER) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.gpus}",
             *worker, str(control), str(runs_root)]
-
-
-class EventTail:
-    """New complete lines of a JSON-lines file, as events (a line still being written waits for its end)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, b""
-
-    def read(self) -> list:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        return [event_from_json(json.loads(line)) for line in lines if line.strip()]
 
 
 FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")

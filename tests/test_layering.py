@@ -26,6 +26,7 @@ LAYERS = {
     "leaves": (0, ("errors", "i18n", "events", "specs", "capabilities", "anatomy", "cache")),
     "checkpoints": (1, ("checkpoints",)),
     "bounds": (1, ("bounds", "chats", "slots", "safelog")),
+    "worker_protocol": (1, ("worker_protocol",)),
     "config": (2, ("config",)),
     "runs": (2, ("runs",)),
     "policy": (2, ("policy",)),
@@ -37,15 +38,12 @@ LAYERS = {
     "decoding": (5, ("decoding",)),
     "train": (6, ("train",)),
     "generation": (7, ("generation",)),
-    "launch": (7, ("launcher",)),
-    "jobs": (8, ("jobs",)),
-    "cli": (9, ("cli", "__main__")),
-    "ui": (9, ("ui",)),
+    "zerogpu": (8, ("zerogpu",)),
+    "launch": (9, ("launcher",)),
+    "jobs": (10, ("jobs",)),
+    "cli": (11, ("cli", "__main__")),
+    "ui": (11, ("ui",)),
 }
-# The torchrun worker (train/worker.py) reads the launch folder's names from launcher.py, which starts
-# train/ for a one-process run: a cycle between `train` and `launch`. Issue #26 (ZeroGPU) factors the
-# worker protocol into a leaf both import; until it lands this one edge is expected.
-EXPECTED_UNTIL_26 = {("ruozhi_ui.train.worker", "ruozhi_ui.launcher")}
 
 
 def layer_of(module: str) -> str:
@@ -87,18 +85,12 @@ def test_every_module_of_the_package_belongs_to_a_layer():
 def test_every_import_in_the_package_goes_to_a_lower_layer():
     wrong = []
     for module, target, line in package_imports():
-        if module.count(".") == 0 or target == "ruozhi_ui" or (module, target) in EXPECTED_UNTIL_26:
+        if module.count(".") == 0 or target == "ruozhi_ui":
             continue
         source, dest = layer_of(module), layer_of(target)
         if source != dest and LAYERS[dest][0] >= LAYERS[source][0]:
             wrong.append(f"{module}:{line} imports {target} ({source} -> {dest})")
     assert wrong == []
-
-
-def test_the_train_launch_cycle_is_the_only_expected_exception_and_is_still_there():
-    # When #26 lands this fails: then delete EXPECTED_UNTIL_26 and this test.
-    edges = {(module, target) for module, target, _ in package_imports()}
-    assert EXPECTED_UNTIL_26 <= edges
 
 
 # ---------------------------------------------------------------- at run time, in fresh interpreters
@@ -121,6 +113,8 @@ RUNTIME = {
     "decoding": (["ruozhi_ui.decoding"], ("torch",)),
     "train": (["ruozhi_ui.train", "ruozhi_ui.train.precision", "ruozhi_ui.train.checkpointing"], ("torch",)),
     "generation": (["ruozhi_ui.generation"], ("torch",)),
+    "worker_protocol": (["ruozhi_ui.worker_protocol"], ()),
+    "zerogpu": (["ruozhi_ui.zerogpu"], ()),
     "launch": (["ruozhi_ui.launcher"], ()),
     "jobs": (["ruozhi_ui.jobs"], ()),
     "cli": (["ruozhi_ui.cli"], ()),

@@ -31,6 +31,11 @@ ALLOWED = {
     ("ui/compare_tab.py", "_active"): "each session's running generations; the Compare tab's owner moves it into "
                                       "the app's context",
     ("ui/compare_tab.py", "_active_lock"): "guards _active",
+    ("zerogpu/compare.py", "_lease_models"): "the lease worker's model cache: ZeroGPU keeps the forked worker process "
+                                             "between calls, so its loaded models are the process's; never built in "
+                                             "the app process",
+    ("zerogpu/standin.py", "_ORIGINAL"): "the stand-in lease runner's saved torch.cuda functions while it emulates what "
+                                         "`spaces` patches in the main process (tests only)",
     ("bounds.py", "_bounds"): "the process's dataset size bounds, set by build_app from the policy so that the "
                               "engine's own load_source (a run started without a Data-tab load) obeys them too; "
                               "to become a load_source argument the run carries",

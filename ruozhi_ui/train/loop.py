@@ -23,13 +23,14 @@ from .step import lr_at, plan_epoch
 
 
 def train(cfg: TrainConfig, emit: EmitFn | None = None, stop_event: threading.Event | None = None,
-          runs_root: Path | None = None) -> Path | None:
-    """Run one SFT job into a new folder under `runs_root`. Bad settings, paths or data raise a RuozhiError
-    before anything is written; a failure during the run emits JobFailed and returns None."""
+          runs_root: Path | None = None, continue_in: Path | None = None) -> Path | None:
+    """Run one SFT job into a new folder under `runs_root` (or, for the next GPU lease of a run resumed
+    from its own checkpoint, on in that run's folder `continue_in`). Bad settings, paths or data raise a
+    RuozhiError before anything is written; a failure during the run emits JobFailed and returns None."""
     if runs_root is None:
         raise ValueError("train() needs the runs folder its run is written under")
     stop_event = stop_event or threading.Event()
-    run = setup(cfg, emit or NullSink(), runs_root)
+    run = setup(cfg, emit or NullSink(), runs_root, continue_in)
     cfg, state = run.cfg, run.state  # cfg as resolved (a resumed run takes its checkpoint's settings)
     lengths = [len(e) for e in run.train_ex]
     if run.ranks.distributed:  # every rank stops at the same step, whichever was asked

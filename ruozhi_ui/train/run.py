@@ -279,7 +279,7 @@ class Run:
             self.metrics_file.close()
 
 
-def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
+def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path, continue_in: Path | None = None) -> Run:
     """Everything before the first step; the run folder is made last, once nothing can fail on bad input.
     A run with `gpus` > 1 is one torchrun rank of it (see distributed.py): rank 0 makes the folder."""
     t0 = time.time()
@@ -332,7 +332,7 @@ def setup(cfg: TrainConfig, emit: EmitFn, runs_root: Path) -> Run:
     state = restore_training_state(Path(cfg.resume_from), load_optimizer) if cfg.resume_from else TrainState()
     run_dir, metrics_file, writer = Path(), None, None
     if ranks.is_main:
-        run_dir, metrics_file = make_run_folder(cfg, root)
+        run_dir, metrics_file = make_run_folder(cfg, root) if continue_in is None else reopen_run_folder(root, continue_in)
         writer = tensorboard_writer(run_dir / ckpt.TENSORBOARD)
     if ranks.distributed:
         run_dir = Path(distributed.broadcast_text(str(run_dir), ranks))
@@ -377,3 +377,11 @@ def make_run_folder(cfg: TrainConfig, root: Path):
     except OSError as e:
         raise ConfigError(f"Cannot write the run folder '{run_dir}' ({e.strerror or e}); "
                           "check that the runs folder is writable and the disk has space") from None
+
+
+def reopen_run_folder(root: Path, run_dir: Path):
+    """A run's own folder, to go on in (the next GPU lease of the run): its metrics log reopened to append."""
+    folder = ckpt.run_dir_for(root, Path(run_dir).name)
+    if folder != Path(run_dir).resolve() or not (folder / ckpt.RUN_CONFIG).is_file():
+        raise ConfigError(f"'{run_dir}' is not a run folder under the runs folder '{root}'")
+    return folder, open(folder / ckpt.METRICS, "a", encoding="utf-8")

@@ -1,11 +1,11 @@
-"""One torchrun rank of a run on several processes; `ruozhi_ui/torchrun.py` starts and watches them.
+"""One torchrun rank of a run on several processes; `ruozhi_ui/launcher.py` starts and watches them.
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m ruozhi_ui.train.worker CONTROL RUNS
 
 CONTROL is the launch's folder: `config.json` in; rank 0's events out as JSON lines in
 `events.jsonl`; a `stop` file asks every rank to stop at the next step (they agree through a
-collective); each rank's output goes to `logs/rank-N.log`. A rank dies with its parent (Linux),
-so killing the launcher never leaves workers behind.
+collective); each rank's output goes to `logs/rank-N.log` (the protocol: worker_protocol.py). A rank
+dies with its parent (Linux), so killing the launcher never leaves workers behind.
 """
 
 from __future__ import annotations
@@ -17,34 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..launcher import CONFIG, EVENTS, LOGS, STOP, die_with_parent
-
-
-class StopFile:
-    """This rank's stop request: the launcher creates the file."""
-
-    def __init__(self, path: Path):
-        self.path, self.requested = path, False
-
-    def set(self) -> None:
-        self.requested = True
-
-    def is_set(self) -> bool:
-        self.requested = self.requested or self.path.exists()
-        return self.requested
-
-
-class EventLines:
-    """Rank 0's events, one JSON object a line, flushed at once (the launcher tails the file)."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def __call__(self, event) -> None:
-        from ..events import event_to_json
-
-        self.file.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
-        self.file.flush()
+from ..worker_protocol import CONFIG, EVENTS, LOGS, STOP, EventLines, StopFile, die_with_parent
 
 
 def send_output_to(log: Path) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 from ..config import ModelConfig, TrainConfig, validate
 from ..errors import ConfigError
 from ..i18n import t
+from ..zerogpu import visitor_line
 
 DEFAULTS = TrainConfig()
 INT_FIELDS = ("epochs", "batch_size", "grad_accum_steps", "warmup_steps", "max_source_length", "max_target_length",
@@ -128,4 +129,5 @@ def preflight_markdown(cfg: TrainConfig, n_train: int, lang: str, check_config=N
     return t("train.estimate", lang, trained=_fmt_count(est.params_trained), total=_fmt_count(est.params_total),
              memory=t("train.memory_gpu" if on_gpu else "train.memory_cpu", lang),
              share=est.params_trained / max(1, est.params_total), steps=steps, mem=est.memory_gib,
-             weights=est.weights_gib, optim=est.optimizer_gib, act=est.activations_gib)
+             weights=est.weights_gib, optim=est.optimizer_gib, act=est.activations_gib) \
+        + visitor_line(cfg, est, n_train, lang)  # on a ZeroGPU Space: the quota it spends, in how many leases
