@@ -19,33 +19,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_VERSION = "3.11"  # the Python of the quick start and of the Space
-# name -> (uv's platform, extra environment): torch's macOS wheels are for macOS 14 and later.
+ZEROGPU_PYTHON = "3.10"  # the one Python a ZeroGPU Space runs (docs/zerogpu.md)
+# name -> (uv's platform, extra environment, Python): torch's macOS wheels are for macOS 14 and later.
 TARGETS = {
-    "macos-arm64": ("aarch64-apple-darwin", {"MACOSX_DEPLOYMENT_TARGET": "14.0"}),
-    "windows": ("x86_64-pc-windows-msvc", {}),
-    "linux-x86_64": ("x86_64-manylinux_2_28", {}),
-    "linux-aarch64": ("aarch64-manylinux_2_28", {}),
+    "macos-arm64": ("aarch64-apple-darwin", {"MACOSX_DEPLOYMENT_TARGET": "14.0"}, PYTHON_VERSION),
+    "windows": ("x86_64-pc-windows-msvc", {}, PYTHON_VERSION),
+    "linux-x86_64": ("x86_64-manylinux_2_28", {}, PYTHON_VERSION),
+    "linux-aarch64": ("aarch64-manylinux_2_28", {}, PYTHON_VERSION),
+    "linux-zerogpu": ("x86_64-manylinux_2_28", {}, ZEROGPU_PYTHON),
 }
 TRITON_ONLY = ("triton", "liger-kernel")  # Triton has no macOS or Windows wheels
 
 
-def resolve_command(platform: str, requirements: Path = ROOT / "requirements.txt") -> list[str]:
+def resolve_command(platform: str, python: str = PYTHON_VERSION, requirements: Path = ROOT / "requirements.txt") -> list[str]:
     """The uv command that prints the pinned set `requirements` resolve to on `platform`."""
     return [sys.executable, "-m", "uv", "pip", "compile", "--quiet", "--no-header", "--no-annotate",
-            "--only-binary", ":all:", "--python-platform", platform, "--python-version", PYTHON_VERSION,
+            "--only-binary", ":all:", "--python-platform", platform, "--python-version", python,
             str(requirements)]
 
 
 def check(name: str) -> str | None:
     """None when requirements.txt resolves for target `name`, else why not."""
-    platform, env = TARGETS[name]
-    done = subprocess.run(resolve_command(platform), capture_output=True, text=True, env={**os.environ, **env})
+    platform, env, python = TARGETS[name]
+    done = subprocess.run(resolve_command(platform, python), capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode:
         return done.stderr.strip()[-2000:]
     pinned = {line.split("==")[0].strip().lower() for line in done.stdout.splitlines() if "==" in line}
     if not name.startswith("linux") and pinned & set(TRITON_ONLY):
         return f"pulls {', '.join(sorted(pinned & set(TRITON_ONLY)))}, which has no wheel there"
-    print(f"{name} ({platform}, Python {PYTHON_VERSION}): requirements.txt resolves to {len(pinned)} packages")
+    print(f"{name} ({platform}, Python {python}): requirements.txt resolves to {len(pinned)} packages")
     return None
 
 
