@@ -26,6 +26,7 @@ MAX_RUN_NAME = 64
 TRAINING_STATE = "training_state.pt"
 UPLOADS_DIR = ".uploads"  # a runs folder's uploaded data files (a run name never starts with '.')
 VISITORS_DIR = ".visitors"  # public mode: one runs folder per visitor under here
+EXPORTS_DIR = ".exports"  # a runs folder's export files (zips, GGUF, Hub staging), replaced by the next export
 
 
 def runs_root() -> Path:

@@ -57,13 +57,15 @@ class Limits:
     session_disk_mb: int = 0  # a visitor's runs + uploads (0 = no quota)
     upload_mb: int = 200  # one uploaded data file
     gpus: int = 64  # processes of one run (torchrun); the machine's GPU count bounds it too
+    export_mb: int = 0  # what one export (zip, GGUF, Hub push) may read of a checkpoint (0 = no limit)
 
 
 PUBLIC_LIMITS = dataclasses.replace(
     Limits(), epochs=10, max_steps=5000, batch_size=64, grad_accum_steps=16, warmup_steps=1000,
     max_source_length=1024, max_target_length=1024, lora_rank=64, lora_alpha=256, ab_prompts=200,
     max_new_tokens=512, text_chars=4000, config_layers=256, config_hidden=16384, config_vocab=300_000,
-    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8)
+    config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8,
+    export_mb=4000)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,16 @@ class Policy:
                 raise PolicyError(key="err.policy.config_shape", name=name, value=repr(value), bound=f"{bound:,}")
 
     # --- disk ----------------------------------------------------------------------------
+    def check_export(self, visitor: Visitor, nbytes: int) -> None:
+        """An export reading `nbytes` of a checkpoint (and writing about as much) is within the export limit
+        and the visitor's disk quota, before it starts."""
+        limit = self.limits.export_mb
+        if limit and nbytes > limit * 2**20:
+            raise PolicyError(key="err.export.too_big", mb=f"{nbytes / 2**20:,.0f}", limit=f"{limit:,}")
+        quota = self.limits.session_disk_mb * 2**20
+        if quota and folder_bytes(visitor.runs_root) + nbytes > quota:
+            raise PolicyError(key="err.policy.quota", mb=self.limits.session_disk_mb)
+
     def make_room(self, visitor: Visitor, keep: tuple[Path, ...] = ()) -> None:
         """Keep a public visitor's folder under its quota: delete their oldest runs first (never those in
         `keep`, e.g. the running one); refuse when that is not enough."""

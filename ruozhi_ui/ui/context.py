@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from ..cache import LoadingLRU
+from ..export import ExportRunner
 from ..generation import ModelCache
 from ..hub import HubStatus
 from ..jobs import JobRunner
@@ -36,6 +37,7 @@ class AppContext:
     stats: LoadingLRU = field(default_factory=lambda: LoadingLRU(DATA_CACHE_SIZE * 4))  # statistics per limits
     errors: LastErrors = field(default_factory=LastErrors)  # each session's last user error, shown beside its action
     hub: HubStatus | None = None  # whether the Hugging Face Hub answers (asked once at start-up)
+    exports: ExportRunner = field(default_factory=ExportRunner)  # the Runs tab's export jobs, one per visitor
 
     def visitor_of(self, token: str | None, request: gr.Request | None) -> Visitor:
         return self.policy.visitor(token, getattr(request, "session_hash", None) or "")
