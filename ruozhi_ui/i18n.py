@@ -370,6 +370,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "export.done": {"zh": "✅ 导出完成：在下面下载文件。", "en": "✅ Export done: download the files below."},
     "export.done_hub": {"zh": "✅ 已推送到 {url}", "en": "✅ Pushed to {url}"},
     "export.cancelled": {"zh": "已取消导出，没有留下文件。", "en": "Export cancelled; no files were left behind."},
+    "export.sign_in_unavailable": {"zh": "推送到 Hub 需要用你自己的账号“Sign in with Hugging Face”：只有这个应用作为开启了 hf_oauth 的 Space 运行时才可用。zip 和 GGUF 下载不需要登录。", "en": "Pushing to the Hub needs Sign in with Hugging Face with your own account, available only when this app runs as a Space with hf_oauth on. zip and GGUF downloads need no sign-in."},
     "err.export.format": {"zh": "未知的导出格式：可选 {formats}", "en": "Unknown export format: choose one of {formats}"},
     "card.title": {"zh": "中文说明", "en": "English"},
     "card.full": {"zh": "全参数微调（full）", "en": "full fine-tuning"},

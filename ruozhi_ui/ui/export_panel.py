@@ -43,10 +43,15 @@ def on_pick(ctx: AppContext, run, token=None, request: gr.Request = None):
     return gr.Dropdown(choices=names, value=names[0] if names else None)
 
 
+def space_oauth() -> bool:
+    """Whether "Sign in with Hugging Face" is real here: a Space with `hf_oauth: true` sets OAUTH_CLIENT_ID.
+    Elsewhere Gradio's LoginButton signs everyone in with the server's own token (read at start-up)."""
+    return bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
 def oauth_token_of(policy, oauth) -> str | None:
-    """The visitor's own Hugging Face token, only from a real sign-in: off a Space, Gradio's LoginButton
-    signs everyone in with the server's own token, which a public visitor must never push with."""
-    if not policy.public or oauth is None or not os.environ.get("OAUTH_CLIENT_ID"):
+    """The visitor's own Hugging Face token, only from a real sign-in, never the server's."""
+    if not policy.public or oauth is None or not space_oauth():
         return None
     return getattr(oauth, "token", None) or None
 
@@ -141,7 +146,9 @@ class ExportHandles:
 def build(ctx: AppContext) -> ExportHandles:
     with gr.Accordion(T("export.title"), open=False, elem_id="export"):
         with gr.Row(equal_height=True):
-            checkpoint = gr.Dropdown(choices=[], label=T("export.checkpoint"), scale=3, elem_id="export-checkpoint")
+            # Any value passes Gradio, so that the policy refuses what is not the visitor's, in its own words.
+            checkpoint = gr.Dropdown(choices=[], label=T("export.checkpoint"), allow_custom_value=True, scale=3,
+                                     elem_id="export-checkpoint")
             fmt = gr.Radio([(T(f"export.format_{f}"), f) for f in FORMATS], value="zip",
                            label=T("export.format"), scale=2, elem_id="export-format")
             quant = gr.Radio([("F16", "f16"), ("Q8_0", "q8_0")], value="f16", label=T("export.quant"), scale=1,
@@ -152,7 +159,10 @@ def build(ctx: AppContext) -> ExportHandles:
             merged = gr.Checkbox(False, label=T("export.merged"), scale=1, elem_id="export-merged")
             with_gguf = gr.Checkbox(False, label=T("export.with_gguf"), scale=1, elem_id="export-with-gguf")
         if ctx.policy.public:  # the visitor's own account: Sign in with Hugging Face; no token field at all
-            gr.LoginButton(elem_id="export-login")
+            if space_oauth():
+                gr.LoginButton(elem_id="export-login")
+            else:
+                gr.Markdown(T("export.sign_in_unavailable"), elem_id="export-login-note")
             token = gr.State("")
         else:
             token = gr.Textbox(type="password", label=T("export.token"), info=T("export.token_info"),
