@@ -41,6 +41,7 @@ MODEL_CONFIG = "config.json"  # transformers' own: a full model's weights are he
 ADAPTER_CONFIG = "adapter_config.json"  # peft's own: a LoRA adapter is here
 UPLOADS_DIR = ".uploads"  # a runs folder's uploaded data files (a run name never starts with '.')
 VISITORS_DIR = ".visitors"  # public mode: one runs folder per visitor under here
+EXPORTS_DIR = ".exports"  # a runs folder's export files (zips, GGUF, Hub staging), replaced by the next export
 
 
 def runs_root() -> Path:

@@ -1,4 +1,4 @@
-"""The headless command line: `python -m ruozhi_ui stats|train ...`.
+"""The headless command line: `python -m ruozhi_ui stats|train|export ...`.
 
 `stats` prints the token-length table for a dataset (tokenizer only, never
 weights); `train` builds a TrainConfig from the flags given, validates it and
@@ -87,7 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu or cuda")
     t.add_argument("--gpus", type=int, help="train on N GPUs under torchrun (default 1: in this process)")
     t.add_argument("--shard", help="with --gpus: ddp, fsdp (FSDP2 shards the model) or auto")
+    add_export_parser(sub)
     return parser
+
+
+def add_export_parser(sub) -> None:
+    from .export import FORMATS, QUANTS
+
+    e = sub.add_parser("export", help="a checkpoint as a zip, GGUF files + Ollama Modelfile, or a Hub model repo")
+    e.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/my-run/checkpoints/final")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--output", help="zip: the .zip file; gguf: a folder; hub: a folder to stage the upload in "
+                                    "(default: a temporary one)")
+    e.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF type (gguf, or hub with --with-gguf)")
+    e.add_argument("--repo-id", default="", help="hub: OWNER/NAME")
+    e.add_argument("--private", dest="private", action="store_true", default=True, help="hub: a private repo (default)")
+    e.add_argument("--public", dest="private", action="store_false", help="hub: a public repo")
+    e.add_argument("--merged", action="store_true", help="LoRA, hub: push base+adapter merged instead of the adapter")
+    e.add_argument("--with-gguf", action="store_true", help="hub: also push a GGUF file and Modelfile")
 
 
 def _given(args: argparse.Namespace, cls, exclude: tuple[str, ...] = ()) -> dict:
@@ -264,13 +281,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export one checkpoint; progress on stderr, the written paths (and the repo URL) on stdout."""
+    import tempfile
+
+    from .export import ExportRequest, run_export
+    from .i18n import t
+
+    path = Path(args.checkpoint).expanduser().resolve()
+    if args.format != "hub" and not args.output:
+        raise ConfigError(f"--output is needed for --format {args.format}")
+    output = Path(args.output or tempfile.mkdtemp(prefix="ruozhi-push-")).expanduser().resolve()
+    shown = {"stage": ""}
+
+    def progress(stage: str, done: float) -> None:
+        if stage != shown["stage"]:
+            shown["stage"] = stage
+            print(f"{t(stage, 'en')}...", file=sys.stderr)
+
+    result = run_export(ExportRequest(checkpoint=path, format=args.format, output=output, quant=args.quant,
+                                      repo_id=args.repo_id, private=args.private, merged=args.merged,
+                                      with_gguf=args.with_gguf), progress)
+    print("\n".join([*result.files, *([result.url] if result.url else [])]))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the process exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         _quiet_transformers()
-        return {"stats": cmd_stats, "train": cmd_train}[args.command](args)
+        return {"stats": cmd_stats, "train": cmd_train, "export": cmd_export}[args.command](args)
     except RuozhiError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

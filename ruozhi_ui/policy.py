@@ -73,6 +73,7 @@ class Limits:
     train_cooldown_s: int = 0  # after a visitor's run ends, before the same visitor may start another
     visitors_disk_mb: int = 0  # all public visitors' runs + uploads together (0 = no cap); tokens are free
     visitor_idle_h: int = 24  # over that cap, visitors' folders idle this long are removed first
+    export_mb: int = 0  # what one export (zip, GGUF, Hub push) may read of a checkpoint (0 = no limit)
 
 
 PUBLIC_LIMITS = dataclasses.replace(
@@ -82,7 +83,7 @@ PUBLIC_LIMITS = dataclasses.replace(
     config_intermediate=65536, config_heads=256, checkpoints_per_run=1, session_disk_mb=6000, upload_mb=50, gpus=8,
     request_kb=256, upload_files=2, temp_mb=2000, sessions=500, queue_size=64, generation_concurrency=2, chat_turns=16,
     chat_chars=16000, record_chars=20000, file_chars=20_000_000, train_seconds=3600, train_cooldown_s=600,
-    visitors_disk_mb=30000)
+    visitors_disk_mb=30000, export_mb=4000)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,16 @@ class Policy:
                 raise PolicyError(key="err.policy.config_shape", name=name, value=repr(value), bound=f"{bound:,}")
 
     # --- disk ----------------------------------------------------------------------------
+    def check_export(self, visitor: Visitor, nbytes: int) -> None:
+        """An export reading `nbytes` of a checkpoint (and writing about as much) is within the export limit
+        and the visitor's disk quota, before it starts."""
+        limit = self.limits.export_mb
+        if limit and nbytes > limit * 2**20:
+            raise PolicyError(key="err.export.too_big", mb=f"{nbytes / 2**20:,.0f}", limit=f"{limit:,}")
+        quota = self.limits.session_disk_mb * 2**20
+        if quota and folder_bytes(visitor.runs_root) + nbytes > quota:
+            raise PolicyError(key="err.policy.quota", mb=self.limits.session_disk_mb)
+
     def make_room(self, visitor: Visitor, keep: tuple[Path, ...] = ()) -> None:
         """Keep a public visitor's folder under its quota: delete their oldest runs first (never those in
         `keep`, e.g. the running one); refuse when that is not enough."""

@@ -14,6 +14,7 @@ import gradio as gr
 
 from ..cache import LoadingLRU
 from ..chats import ChatStore
+from ..export import ExportRunner
 from ..hub import HubStatus
 from ..jobs import JobRunner
 from ..policy import Policy, Visitor
@@ -55,6 +56,7 @@ class AppContext:
         if self.chats is None:
             lim = self.policy.limits
             self.chats = ChatStore(lim.sessions, lim.chat_turns, lim.chat_chars)
+    exports: ExportRunner = field(default_factory=ExportRunner)  # the Runs tab's export jobs, one per visitor
 
     def visitor_of(self, token: str | None, request: gr.Request | None) -> Visitor:
         return self.policy.visitor(token, getattr(request, "session_hash", None) or "")

@@ -1,4 +1,5 @@
-"""The Runs tab: past runs (the app's and the CLI's) listed, overlaid, opened in Compare, resumed, deleted.
+"""The Runs tab: past runs (the app's and the CLI's) listed, overlaid, opened in Compare, resumed, deleted,
+exported (export_panel.py).
 
 Everything is read from the visitor's runs folder by `runs.py`, so a run started on
 the command line appears as well. Resuming continues a run's final checkpoint into a
@@ -22,6 +23,7 @@ from ..errors import ConfigError
 from ..i18n import t
 from ..runs import RunRecord, delete_run, list_runs
 from .boundary import bind, md_code, md_text, user_errors
+from . import export_panel
 from .context import AppContext
 from .texts import T
 
@@ -176,6 +178,7 @@ class RunsHandles:
     settings: gr.Markdown
     resume_epochs: gr.Number
     resume: gr.Button
+    export: export_panel.ExportHandles
 
 
 def build(ctx: AppContext) -> RunsHandles:
@@ -203,10 +206,11 @@ def build(ctx: AppContext) -> RunsHandles:
                                           elem_id="runs-resume-epochs")
                 resume = gr.Button(T("runs.resume_button"), variant="primary", interactive=False,
                                    elem_id="runs-resume-button")
+        export = export_panel.build(ctx)
     return RunsHandles(tab=tab, refresh=refresh, table=table, empty=empty, selected=selected, chart=chart, pick=pick,
                        open_compare=open_compare, delete=delete, confirm=confirm, confirm_text=confirm_text,
                        delete_yes=delete_yes, delete_no=delete_no, status=status, settings=settings,
-                       resume_epochs=resume_epochs, resume=resume)
+                       resume_epochs=resume_epochs, resume=resume, export=export)
 
 
 def wire(ctx: AppContext, h: RunsHandles, tabs: gr.Tabs, compare_checkpoint: gr.Dropdown, load_event):
@@ -227,5 +231,6 @@ def wire(ctx: AppContext, h: RunsHandles, tabs: gr.Tabs, compare_checkpoint: gr.
     h.delete_yes.click(bind(on_delete, ctx), [h.pick, h.selected, ctx.lang, ctx.visitor],
                        [h.confirm, h.status, *listing], **private)
     h.pick.change(**pick_io)
+    export_panel.wire(ctx, h.export, h.pick)
     return h.resume.click(bind(on_resume, ctx), [h.pick, h.resume_epochs, ctx.lang, ctx.visitor], [h.status],
                           api_name="resume_run")
