@@ -39,6 +39,7 @@ LAYERS = {
     "train": (6, ("train",)),
     "generation": (7, ("generation",)),
     "zerogpu": (8, ("zerogpu",)),
+    "export": (8, ("export",)),
     "launch": (9, ("launcher",)),
     "jobs": (10, ("jobs",)),
     "cli": (11, ("cli", "__main__")),

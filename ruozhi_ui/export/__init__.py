@@ -6,10 +6,20 @@ what (public visitors: their own checkpoints, a size limit, their own Hub token)
 the caller's business, decided before a request is made.
 """
 
-from .gguf_file import QUANTS, Quant
-from .hub_push import choose_token
-from .job import Cancelled, ExportRunner, ExportSnapshot
-from .pipeline import FORMATS, ExportRequest, ExportResult, Format, run_export
+from __future__ import annotations
 
-__all__ = ["QUANTS", "Quant", "FORMATS", "Format", "ExportRequest", "ExportResult", "run_export", "ExportRunner",
-           "ExportSnapshot", "Cancelled", "choose_token"]
+import importlib
+
+# name -> the submodule that defines it. Loaded on first use (PEP 562): the app's context holds an
+# ExportRunner from its first line, and the GGUF writer and the checkpoint reader bring torch and gguf,
+# which the page need not wait for at start-up.
+_HOME = {"QUANTS": "gguf_file", "Quant": "gguf_file", "choose_token": "hub_push", "Cancelled": "job",
+         "ExportRunner": "job", "ExportSnapshot": "job", "FORMATS": "pipeline", "ExportRequest": "pipeline",
+         "ExportResult": "pipeline", "Format": "pipeline", "run_export": "pipeline"}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)

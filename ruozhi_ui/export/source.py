@@ -8,19 +8,16 @@ export writes as GGUF or pushes as "merged": a LoRA adapter is merged into its b
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..checkpoints import TRAINING_STATE, is_checkpoint
+from ..checkpoints import ADAPTER_CONFIG, METRICS, RUN_CONFIG, TRAINING_STATE, is_checkpoint, read_events
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..events import SampleGenerated, event_from_json
+from ..events import SampleGenerated
 from ..generation import checkpoint_config
-from ..runs import CONFIG, METRICS, RunRecord, read_run
-
-ADAPTER_CONFIG = "adapter_config.json"  # peft's name for an adapter folder's config
+from ..runs import RunRecord, read_run
 
 
 @dataclass(frozen=True)
@@ -39,21 +36,13 @@ class ExportSource:
         """The run's own config and metrics log, with the names they get in an export (`run/...`)."""
         if self.run_dir is None:
             return []
-        return [(self.run_dir / f, f"run/{f}") for f in (CONFIG, METRICS) if (self.run_dir / f).is_file()]
+        return [(self.run_dir / f, f"run/{f}") for f in (RUN_CONFIG, METRICS) if (self.run_dir / f).is_file()]
 
     def probes(self) -> list[SampleGenerated]:
         """The probe answers the run recorded at each epoch end, oldest first."""
-        if self.run_dir is None or not (self.run_dir / METRICS).is_file():
+        if self.run_dir is None:
             return []
-        found = []
-        for line in (self.run_dir / METRICS).read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash mid-write
-            if isinstance(data, dict) and data.get("event") == "SampleGenerated":
-                found.append(event_from_json(data))
-        return found
+        return [e for e in read_events(self.run_dir) if isinstance(e, SampleGenerated)]
 
 
 def describe(path: Path) -> ExportSource:
