@@ -23,6 +23,9 @@ CONTENT = ("#app-lang", "#data-preview [role=gridcell]", "#data-preview tbody", 
 
 # Names that stay as they are on the Chinese page: products, formats, config fields and values the user types.
 NAMES = {
+    # dataset formats and the column mapping's field names (docs/datasets.md), export formats (docs/export.md)
+    "instruction", "output", "question", "answer", "format", "sharegpt", "messages", "conversations", "user_tag",
+    "assistant_tag", "human", "gpt", "config", "zip", "GGUF", "Ollama", "Modelfile", "F16", "Q8_0", "HF_TOKEN",
     "SFT", "Hub", "Hugging", "Face", "id", "demo", "sample", "json", "jsonl", "trust_remote_code", "Python",
     "epochs", "batch_size", "lr", "max_source_length", "max_target_length", "token", "tokens", "LoRA", "lora_rank",
     "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm", "warmup", "constant",

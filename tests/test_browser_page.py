@@ -29,9 +29,8 @@ PHONE = {"width": 390, "height": 844}
 SLOW = 90_000
 HOLD_AT = 2
 N_SAMPLE_TRAIN = 183  # assets/sample: 211 records, 28 of them validation
-# Words of the other script that the Compare and Data tabs still show; their helpers fix them in issue 24.
-# TODO(issue 24): the lead empties these after merging the Compare and Data helpers' branches.
-TAB_LEFTOVERS = {"zh": {"data": {"bundled"}, "compare": {"w"}}, "en": {}}
+# Words of the other script a tab may still show, per language and tab: none since every tab went through i18n.
+TAB_LEFTOVERS = {"zh": {}, "en": {}}
 
 
 @pytest.fixture(scope="module")
