@@ -134,3 +134,35 @@ def bot_texts(page, elem_id: str) -> list[str]:
 
 def input_value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input").first.input_value()
+
+
+def open_tab(page, tab_id: str) -> None:
+    from playwright.sync_api import expect
+
+    page.locator(f"#tab-{tab_id}-button").click()
+    expect(page.locator(f"#tab-{tab_id}-button")).to_have_attribute("aria-selected", "true")
+
+
+def fill_field(page, selector: str, value) -> None:
+    """Type a value and leave the field (a Number commits its value on blur), once more if a component still
+    re-rendering from an earlier event put its old value back."""
+    from playwright.sync_api import expect
+
+    box = page.locator(selector)
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            expect(box).to_have_value(str(value), timeout=5_000)
+            return
+        except AssertionError:
+            continue
+    expect(box).to_have_value(str(value))
+
+
+def fill_after_default(page, selector: str, default, value) -> None:
+    """`fill_field` once the field shows its default: a freshly mounted input may still be syncing it."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_have_value(str(default))
+    fill_field(page, selector, value)

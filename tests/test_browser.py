@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, GatedTrain, LocalOnly, bot_texts, free_port, input_value,
-                             plot_points, require_chromium, wait_plot_points, wait_progress)
+from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, bot_texts, fill_after_default, free_port, GatedTrain,
+                             input_value, LocalOnly, open_tab, plot_points, require_chromium, wait_plot_points,
+                             wait_progress)
 from ruozhi_ui.config import REFERENCE_PROMPTS
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
@@ -68,9 +69,6 @@ def browser_page(app):
         browser.close()
 
 
-def _open_tab(page, tab_id: str) -> None:
-    page.locator(f"#tab-{tab_id}-button").click()
-    expect(page.locator(f"#tab-{tab_id}-button")).to_have_attribute("aria-selected", "true")
 
 
 def _use_demo_model_and_sample(page) -> None:
@@ -83,19 +81,6 @@ def _use_demo_model_and_sample(page) -> None:
     expect(page.locator("#app-data-source textarea")).to_have_value("sample")
 
 
-def _fill(page, selector: str, default, value) -> None:
-    """Type into a form field once it shows its default: a freshly mounted input may still be syncing it."""
-    box = page.locator(selector)
-    expect(box).to_have_value(str(default))
-    for _ in range(3):  # a component still re-rendering from an earlier event may put its default back once
-        box.fill(str(value))
-        box.press("Tab")  # a Number commits its value on blur
-        try:
-            expect(box).to_have_value(str(value), timeout=5_000)
-            return
-        except AssertionError:
-            continue
-    expect(box).to_have_value(str(value))
 
 
 def _shot(page, name: str) -> None:
@@ -139,12 +124,12 @@ def test_search_filters_the_preview_as_you_type(browser_page):
 def test_use_suggested_lengths_changes_the_train_forms_max_lengths(browser_page):
     page, _ = browser_page
     suggested = (input_value(page, "data-suggested-source"), input_value(page, "data-suggested-target"))
-    _open_tab(page, "train")  # a tab's inputs exist in the DOM once it has been shown
+    open_tab(page, "train")  # a tab's inputs exist in the DOM once it has been shown
     before = (input_value(page, "train-max-source-length"), input_value(page, "train-max-target-length"))
     assert all(v.isdigit() for v in suggested) and suggested != before, (before, suggested)
-    _open_tab(page, "data")
+    open_tab(page, "data")
     page.locator("#data-use-suggested").click()
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-max-source-length input")).to_have_value(suggested[0])
     expect(page.locator("#train-max-target-length input")).to_have_value(suggested[1])
 
@@ -152,15 +137,15 @@ def test_use_suggested_lengths_changes_the_train_forms_max_lengths(browser_page)
 # --- 2. Train tab -------------------------------------------------------------------------
 def test_start_shows_the_run_progressing_with_loss_points(browser_page, app):
     page, _ = browser_page
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-loss-chart .js-plotly-plot")).to_have_count(1)
     assert plot_points(page, "train-loss-chart") == 0  # idle: a chart with a message and no trace
     advanced = page.locator("#tab-train button.label-wrap")  # the tab's one accordion ("Advanced")
     expect(advanced).to_have_count(1)
     advanced.click()
-    _fill(page, "#train-epochs input", DEFAULTS["epochs"], 1)
-    _fill(page, "#train-max-steps input", DEFAULTS["max_steps"], MAX_STEPS)
-    _fill(page, "#train-run-name textarea", DEFAULTS["run_name"], RUN_NAME)
+    fill_after_default(page, "#train-epochs input", DEFAULTS["epochs"], 1)
+    fill_after_default(page, "#train-max-steps input", DEFAULTS["max_steps"], MAX_STEPS)
+    fill_after_default(page, "#train-run-name textarea", DEFAULTS["run_name"], RUN_NAME)
     page.locator("#train-start").click()
     expect(page.locator("#train-action-status")).to_contain_text(RUN_NAME)
     config = app["runner"].snapshot().config
@@ -180,7 +165,7 @@ def test_a_reloaded_page_still_follows_the_running_job(browser_page, app):
     page.wait_for_selector("#data-load")
     expect(page.locator("#app-model input")).to_have_value("demo")  # the running job's settings, not the defaults
     _use_demo_model_and_sample(page)
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-run-name textarea")).to_have_value(RUN_NAME)
     after_reload = wait_progress(page, f"p.step === {HOLD_AT}")
     assert after_reload["status"] == "running"
@@ -203,7 +188,7 @@ def test_the_run_finishes_with_every_loss_point_and_a_final_checkpoint(browser_p
 # --- 3. Compare tab -----------------------------------------------------------------------
 def test_compare_answers_a_reference_prompt_in_both_labelled_panes(browser_page):
     page, _ = browser_page
-    _open_tab(page, "compare")
+    open_tab(page, "compare")
     # The run finished while the page was open: its final is picked, no refresh, no click.
     picker = page.locator("#compare-checkpoint input")
     expect(picker).to_have_value(f"{RUN_NAME}/checkpoints/final")
@@ -229,7 +214,7 @@ def test_batch_ab_scores_the_checkpoints_own_data_in_a_readable_table(browser_pa
     page, _ = browser_page
     page.locator("#app-data-source textarea").fill("hfl/ruozhiba_gpt4")  # the top bar no longer says "sample"
     page.locator("#compare-ab").locator("button").first.click()  # open the accordion
-    _fill(page, "#compare-ab-limit input", 50, 3)
+    fill_after_default(page, "#compare-ab-limit input", 50, 3)
     page.locator("#compare-ab-run").click()
     expect(page.locator("#compare-ab-table [role=grid]")).to_have_attribute("aria-rowcount", "4", timeout=SLOW)
     expect(page.locator("#compare-ab-loss")).to_contain_text("验证损失")  # the run's own validation split
@@ -243,7 +228,7 @@ def test_batch_ab_scores_the_checkpoints_own_data_in_a_readable_table(browser_pa
 # --- 4. Runs tab ----------------------------------------------------------------------------
 def test_a_run_continued_from_the_runs_tab_goes_on_in_a_new_run_folder(browser_page, app):
     page, _ = browser_page
-    _open_tab(page, "runs")
+    open_tab(page, "runs")
     picker = page.locator("#runs-pick input")
     expect(picker).to_have_value(RUN_NAME)
     page.locator("#runs-resume").locator("button").first.click()  # open "continue training"
@@ -251,7 +236,7 @@ def test_a_run_continued_from_the_runs_tab_goes_on_in_a_new_run_folder(browser_p
     expect(page.locator("#runs-resume-epochs input")).to_have_value("2")
     page.locator("#runs-resume-button").click()
     expect(page.locator("#runs-status")).to_contain_text(f"{RUN_NAME}-cont")
-    _open_tab(page, "train")
+    open_tab(page, "train")
     done = wait_progress(page, "p.status === 'finished' && p.step > " + str(MAX_STEPS), SLOW)
     assert done["num_steps"] > MAX_STEPS
     snap = app["runner"].snapshot()
@@ -261,7 +246,7 @@ def test_a_run_continued_from_the_runs_tab_goes_on_in_a_new_run_folder(browser_p
 
 def test_two_runs_overlaid_on_one_chart(browser_page):
     page, _ = browser_page
-    _open_tab(page, "runs")
+    open_tab(page, "runs")
     page.locator("#runs-refresh").click()
     expect(page.locator("#runs-table [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 runs
     for name in (RUN_NAME, f"{RUN_NAME}-cont"):
@@ -276,7 +261,7 @@ def test_two_runs_overlaid_on_one_chart(browser_page):
 # --- 5. Language -----------------------------------------------------------------------------
 def test_one_switch_changes_every_label_and_a_reload_keeps_it(browser_page):
     page, _ = browser_page
-    _open_tab(page, "data")
+    open_tab(page, "data")
     expect(page.locator("#data-load")).to_have_text("加载数据")
     page.locator("#app-lang label", has_text="English").click()
     expect(page.locator("#data-load")).to_have_text("Load data")
@@ -287,7 +272,7 @@ def test_one_switch_changes_every_label_and_a_reload_keeps_it(browser_page):
     expect(page.locator("#data-load")).to_have_text("Load data")  # remembered in the browser
     for tab, plot in (("data", "data-histograms"), ("train", "train-loss-chart"), ("compare", None),
                       ("runs", "runs-chart")):
-        _open_tab(page, tab)
+        open_tab(page, tab)
         if tab == "data":  # a reloaded page starts with no data (offline: demo and sample are picked)
             expect(page.locator("#app-data-source textarea")).to_have_value("sample")
             page.locator("#data-load").click()
@@ -303,7 +288,7 @@ def test_one_switch_changes_every_label_and_a_reload_keeps_it(browser_page):
 def test_markup_in_a_source_is_shown_as_text_and_fetches_nothing(browser_page):
     page, _ = browser_page
     hostile = "![x](http://example.invalid/x.png)<img src=http://example.invalid/y.png>"
-    _open_tab(page, "data")
+    open_tab(page, "data")
     page.locator("#app-data-source textarea").fill(hostile)
     page.locator("#data-load").click()
     toast = page.locator(".toast-body").last

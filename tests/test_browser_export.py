@@ -14,7 +14,8 @@ import pytest
 import torch
 from playwright.sync_api import expect, sync_playwright
 
-from browser_helpers import CHROMIUM_ARGS, VIEWPORT, LocalOnly, free_port, require_chromium, wait_progress
+from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, fill_after_default, free_port, LocalOnly, open_tab,
+                             require_chromium, wait_progress)
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.models import load_model, load_tokenizer
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
@@ -74,23 +75,8 @@ def browser_page(app):
         browser.close()
 
 
-def _open_tab(page, tab_id: str) -> None:
-    page.locator(f"#tab-{tab_id}-button").click()
-    expect(page.locator(f"#tab-{tab_id}-button")).to_have_attribute("aria-selected", "true")
 
 
-def _fill(page, selector: str, default, value) -> None:
-    box = page.locator(selector)
-    expect(box).to_have_value(str(default))
-    for _ in range(3):  # a component still re-rendering may put its default back once
-        box.fill(str(value))
-        box.press("Tab")
-        try:
-            expect(box).to_have_value(str(value), timeout=5_000)
-            return
-        except AssertionError:
-            continue
-    expect(box).to_have_value(str(value))
 
 
 def _export(page, fmt: str) -> None:
@@ -108,11 +94,11 @@ def test_a_person_trains_the_demo_run(browser_page):
     expect(page.locator("#app-data-source textarea")).to_have_value("sample")
     page.locator("#data-load").click()
     expect(page.locator("#data-histograms .js-plotly-plot")).to_have_count(1)
-    _open_tab(page, "train")
+    open_tab(page, "train")
     page.locator("#tab-train button.label-wrap").click()
-    _fill(page, "#train-epochs input", DEFAULTS["epochs"], 1)
-    _fill(page, "#train-max-steps input", DEFAULTS["max_steps"], MAX_STEPS)
-    _fill(page, "#train-run-name textarea", DEFAULTS["run_name"], RUN_NAME)
+    fill_after_default(page, "#train-epochs input", DEFAULTS["epochs"], 1)
+    fill_after_default(page, "#train-max-steps input", DEFAULTS["max_steps"], MAX_STEPS)
+    fill_after_default(page, "#train-run-name textarea", DEFAULTS["run_name"], RUN_NAME)
     page.locator("#train-start").click()
     done = wait_progress(page, "p.status === 'finished'", SLOW)
     assert done["step"] == MAX_STEPS
@@ -120,7 +106,7 @@ def test_a_person_trains_the_demo_run(browser_page):
 
 def test_runs_export_offers_the_runs_final_checkpoint(browser_page):
     page, _ = browser_page
-    _open_tab(page, "runs")
+    open_tab(page, "runs")
     expect(page.locator("#runs-pick input")).to_have_value(RUN_NAME)
     page.locator("#export").locator("button").first.click()  # open the Export accordion
     expect(page.locator("#export-checkpoint input")).to_have_value(f"{RUN_NAME}/checkpoints/final")

@@ -15,7 +15,8 @@ import re
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from browser_helpers import CHROMIUM_ARGS, VIEWPORT, GatedTrain, LocalOnly, free_port, require_chromium, wait_progress
+from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, fill_field, free_port, GatedTrain, LocalOnly, open_tab,
+                             require_chromium, wait_progress)
 from page_walk import leftovers, visible_texts
 from ruozhi_ui.hub import HubStatus
 from ruozhi_ui.i18n import t
@@ -81,9 +82,6 @@ def open_page(app, browser):
         context.close()
 
 
-def _open_tab(page, tab_id: str) -> None:
-    page.locator(f"#tab-{tab_id}-button").click()
-    expect(page.locator(f"#tab-{tab_id}-button")).to_have_attribute("aria-selected", "true")
 
 
 def _load_sample(page) -> None:
@@ -92,17 +90,6 @@ def _load_sample(page) -> None:
     expect(page.locator("#data-histograms .js-plotly-plot")).to_have_count(1)
 
 
-def _fill(page, selector: str, value) -> None:
-    box = page.locator(selector)
-    for _ in range(3):  # a field still re-rendering from an earlier event may put its value back once
-        box.fill(str(value))
-        box.press("Tab")
-        try:
-            expect(box).to_have_value(str(value), timeout=5_000)
-            return
-        except AssertionError:
-            continue
-    expect(box).to_have_value(str(value))
 
 
 # --- one language, everywhere ---------------------------------------------------------------
@@ -112,7 +99,7 @@ def test_every_tab_shows_only_the_pages_language(open_page, lang):
     _load_sample(page)
     found = {}
     for tab in ("data", "train", "compare", "runs"):
-        _open_tab(page, tab)
+        open_tab(page, tab)
         page.wait_for_timeout(500)  # the tab's charts draw their SVG text
         allowed = TAB_LEFTOVERS[lang].get(tab, set())
         found[tab] = leftovers(visible_texts(page), lang, allowed)
@@ -126,7 +113,7 @@ def test_a_switch_to_english_rerenders_the_texts_handlers_made(open_page):
     expect(page.locator("#app-offline-text")).to_contain_text(t("app.offline_start", "en").split("**")[1])
     expect(page.locator("#app-model-note")).to_contain_text(t("app.demo_note", "en")[:30])
     assert page.evaluate("() => document.documentElement.lang") == "en"
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-estimate")).to_contain_text(re.compile("Parameters trained"))
     assert leftovers(visible_texts(page), "en") == []
 
@@ -156,13 +143,13 @@ def test_an_error_toast_is_titled_in_the_pages_language_with_the_raw_cause_folde
 @pytest.mark.parametrize("lang", ["zh", "en"])
 def test_epochs_0_is_named_beside_start_and_start_waits(open_page, lang):
     page = open_page(lang)
-    _open_tab(page, "train")
-    _fill(page, "#train-epochs input", 0)
+    open_tab(page, "train")
+    fill_field(page, "#train-epochs input", 0)
     expect(page.locator("#train-check")).to_contain_text(
         t("err.form.min", lang, name=t("train.epochs", lang), low=1, value=0))
     expect(page.locator("#train-start")).to_be_disabled()
     assert page.locator(".toast-body").count() == 0  # no Gradio toast naming no field
-    _fill(page, "#train-epochs input", 1)
+    fill_field(page, "#train-epochs input", 1)
     expect(page.locator("#train-start")).to_be_enabled()
     expect(page.locator("#train-check")).to_have_text("")
 
@@ -171,8 +158,8 @@ def test_epochs_0_is_named_beside_start_and_start_waits(open_page, lang):
 def test_a_max_target_length_that_cuts_most_answers_warns_before_start(open_page, lang):
     page = open_page(lang)
     _load_sample(page)
-    _open_tab(page, "train")
-    _fill(page, "#train-max-target-length input", 1)
+    open_tab(page, "train")
+    fill_field(page, "#train-max-target-length input", 1)
     said = t("train.warn_truncation", lang, share=1.0, tgt=1, p95=0).split("%")[0] + "%"  # up to "100%"
     expect(page.locator("#train-check")).to_contain_text(said)
     expect(page.locator("#train-start")).to_be_enabled()  # a warning, not a refusal
@@ -182,19 +169,19 @@ def test_a_max_target_length_that_cuts_most_answers_warns_before_start(open_page
 def test_the_estimate_follows_every_form_change(open_page, lang):
     page = open_page(lang)
     _load_sample(page)
-    _open_tab(page, "train")
+    open_tab(page, "train")
     per_epoch = math.ceil(N_SAMPLE_TRAIN / DEFAULTS["batch_size"])
     steps = {"zh": "步数", "en": "Steps"}[lang]  # the estimate's own words (i18n "train.estimate")
     estimate = page.locator("#train-estimate")
     expect(estimate).to_contain_text(re.compile(rf"{steps}\s+{DEFAULTS['epochs'] * per_epoch}\s"))
-    _fill(page, "#train-epochs input", 1)
+    fill_field(page, "#train-epochs input", 1)
     expect(estimate).to_contain_text(re.compile(rf"{steps}\s+{per_epoch}\s"))
 
 
 # --- the run in sight -------------------------------------------------------------------------
 def test_stop_is_disabled_while_nothing_runs(open_page):
     page = open_page("en")
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-stop")).to_be_disabled()
 
 
@@ -205,10 +192,10 @@ def test_start_brings_the_progress_into_view_and_stop_says_stopping_until_stoppe
     gate.release.clear()
     page = open_page(lang)
     _load_sample(page)
-    _open_tab(page, "train")
+    open_tab(page, "train")
     page.locator("#tab-train button.label-wrap").click()  # "Advanced": max_steps
-    _fill(page, "#train-max-steps input", 6)
-    _fill(page, "#train-run-name textarea", f"page-{lang}")
+    fill_field(page, "#train-max-steps input", 6)
+    fill_field(page, "#train-run-name textarea", f"page-{lang}")
     expect(page.locator("#train-start")).to_be_enabled()
     page.locator("#train-start").click()
     expect(page.locator("#train-action-status")).to_contain_text(f"page-{lang}")
@@ -248,7 +235,7 @@ def test_at_phone_width_the_preview_headers_are_readable(open_page, lang):
 @pytest.mark.parametrize("lang", ["zh", "en"])
 def test_at_phone_width_no_plotly_toolbar_covers_the_chart(open_page, lang):
     page = open_page(lang, PHONE)
-    _open_tab(page, "train")
+    open_tab(page, "train")
     expect(page.locator("#train-loss-chart .js-plotly-plot")).to_have_count(1)
     expect(page.locator("#train-loss-chart .modebar-container")).to_be_hidden()
 

@@ -126,7 +126,6 @@ class StandInLeases:
         except EOFError:  # the worker died without a result
             raise PlatformError("GPU task aborted", WORKER_ERROR) from None
         finally:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGKILL)
+            worker.kill()  # SIGKILL; a worker that has just exited by itself is no error (multiprocessing checks)
             worker.join()
             receive.close()
