@@ -84,8 +84,13 @@ def root_cause(control: Path, returncode: int) -> tuple[int | None, str, str]:
     is a rank killed by a signal of its own (a native crash, the OOM killer), else the rank whose
     Python error came first (each failing rank records its error and the time: train/worker.py)."""
     summary = read_text(control / "torchrun.log")
+    errors = {}
+    for marker in (control / LOGS).glob("rank-*.error.json"):
+        errors[int(marker.name.split("-")[1].split(".")[0])] = json.loads(marker.read_text(encoding="utf-8"))
+    # A rank that recorded a Python error can still die by a signal after it (gloo aborts in its teardown):
+    # its error is the cause, not that signal.
     killed = sorted({(int(r), int(code)) for r, code in FAILED_RANK.findall(summary)
-                     if int(code) < 0 and -int(code) not in TEARDOWN_SIGNALS})
+                     if int(code) < 0 and -int(code) not in TEARDOWN_SIGNALS and int(r) not in errors})
     if killed:
         rank, code = killed[0]
         try:
@@ -93,9 +98,6 @@ def root_cause(control: Path, returncode: int) -> tuple[int | None, str, str]:
         except ValueError:
             how = f"signal {-code}"
         return rank, f"rank {rank} failed (killed by {how})", log_tail(control, rank)
-    errors = {}
-    for marker in (control / LOGS).glob("rank-*.error.json"):
-        errors[int(marker.name.split("-")[1].split(".")[0])] = json.loads(marker.read_text(encoding="utf-8"))
     if errors:
         rank = min(errors, key=lambda r: errors[r]["time"])
         hint = "\n".join(filter(None, [errors[rank]["hint"], log_tail(control, rank)]))

@@ -25,7 +25,7 @@ CONTENT = ("#app-lang", "#data-preview [role=gridcell]", "#data-preview tbody", 
 NAMES = {
     # dataset formats and the column mapping's field names (docs/datasets.md), export formats (docs/export.md)
     "instruction", "output", "question", "answer", "format", "sharegpt", "messages", "conversations", "user_tag",
-    "assistant_tag", "human", "gpt", "config", "zip", "GGUF", "Ollama", "Modelfile", "F16", "Q8_0", "HF_TOKEN",
+    "assistant_tag", "human", "gpt", "config", "csv", "tsv", "parquet", "zip", "GGUF", "Ollama", "Modelfile", "F16", "Q8_0", "HF_TOKEN",
     "SFT", "Hub", "Hugging", "Face", "id", "demo", "sample", "json", "jsonl", "trust_remote_code", "Python",
     "epochs", "batch_size", "lr", "max_source_length", "max_target_length", "token", "tokens", "LoRA", "lora_rank",
     "lora_alpha", "lora_dropout", "max_steps", "seed", "weight_decay", "max_grad_norm", "warmup", "constant",
