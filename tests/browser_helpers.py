@@ -166,3 +166,22 @@ def fill_after_default(page, selector: str, default, value) -> None:
 
     expect(page.locator(selector)).to_have_value(str(default))
     fill_field(page, selector, value)
+
+
+def opened_page(url: str, locale: str, timeout_ms: int, **context_kwargs):
+    """A module fixture's body: Chromium on `url` in `locale` (only local requests allowed), once the Data tab
+    is there; yields (page, guard) and closes the browser afterwards."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=require_chromium(), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(locale=locale, viewport=VIEWPORT, **context_kwargs)
+        guard = LocalOnly().install(context)
+        page = context.new_page()
+        page.set_default_timeout(timeout_ms)
+        expect.set_options(timeout=timeout_ms)
+        page.goto(url)
+        page.wait_for_selector("#data-load")
+        yield page, guard
+        context.close()
+        browser.close()

@@ -17,11 +17,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, bot_texts, fill_after_default, free_port, GatedTrain,
-                             input_value, LocalOnly, open_tab, plot_points, require_chromium, wait_plot_points,
-                             wait_progress)
+from browser_helpers import (VIEWPORT, bot_texts, fill_after_default, free_port, GatedTrain, input_value, open_tab,
+                             opened_page, plot_points, wait_plot_points, wait_progress)
 from ruozhi_ui.config import REFERENCE_PROMPTS
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
@@ -54,19 +53,7 @@ def app(tmp_path_factory, demo_dir):
 
 @pytest.fixture(scope="module")
 def browser_page(app):
-    executable = require_chromium()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(locale="zh-CN", viewport=VIEWPORT)
-        guard = LocalOnly().install(context)
-        page = context.new_page()
-        page.set_default_timeout(SLOW)
-        expect.set_options(timeout=SLOW)
-        page.goto(app["url"])
-        page.wait_for_selector("#data-load")
-        yield page, guard
-        context.close()
-        browser.close()
+    yield from opened_page(app["url"], "zh-CN", SLOW)
 
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from browser_helpers import (CHROMIUM_ARGS, VIEWPORT, fill_after_default, free_port, LocalOnly, open_tab,
-                             require_chromium, wait_progress)
+from browser_helpers import (fill_after_default, free_port, open_tab, opened_page, wait_progress)
 from ruozhi_ui.jobs import JobRunner
 from ruozhi_ui.models import load_model, load_tokenizer
 from ruozhi_ui.ui.shell import LAUNCH_KWARGS, build_app
@@ -61,18 +60,7 @@ def app(tmp_path_factory, demo_dir):
 
 @pytest.fixture(scope="module")
 def browser_page(app):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=require_chromium(), headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(locale="en-US", viewport=VIEWPORT, accept_downloads=True)
-        guard = LocalOnly().install(context)
-        page = context.new_page()
-        page.set_default_timeout(SLOW)
-        expect.set_options(timeout=SLOW)
-        page.goto(app["url"])
-        page.wait_for_selector("#data-load")
-        yield page, guard
-        context.close()
-        browser.close()
+    yield from opened_page(app["url"], "en-US", SLOW, accept_downloads=True)
 
 
 

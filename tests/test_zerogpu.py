@@ -171,15 +171,15 @@ def test_a_lease_killed_mid_run_leaves_a_loadable_checkpoint_and_says_what_happe
     AutoModelForCausalLM.from_pretrained(failed.last_checkpoint)
 
 
-def sleeps(spec):
-    time.sleep(600)
+def never_returns(spec):
+    threading.Event().wait()  # nothing sets it: the lease body outlives any duration, as a hung one would
 
 
 def test_the_stand_in_kills_a_lease_at_its_duration_as_zerogpu_does(tmp_path):
     spec = lease.LeaseSpec(control=str(tmp_path), runs_root=str(tmp_path), config_file="", continue_in="",
                            until_step=1, duration_s=1, reserve_s=0)
     with pytest.raises(standin.PlatformError) as caught:
-        standin.StandInLeases(sleeps)(spec)
+        standin.StandInLeases(never_returns)(spec)
     assert (caught.value.title, caught.value.message) == ("ZeroGPU worker error", "GPU task aborted")
 
 

@@ -29,7 +29,8 @@ from ..i18n import t
 from ..models import fetch_model_files
 from ..policy import Visitor
 from ..runs import checkpoint_names, newest_final
-from .boundary import bind, md_code, md_text, user_errors
+from .boundary import bind, md_text, user_errors
+from .compare_titles import base_title, tuned_title, with_settings
 from .context import AppContext
 from .texts import T
 
@@ -104,52 +105,6 @@ def checkpoint_choices(runs_root: Path) -> list[tuple[str, str]]:
     """(run/checkpoints/name, the same) for the dropdown: names relative to the visitor's runs folder,
     which is all a page ever sends back; the last finished run's `final` first."""
     return [(name, name) for name in checkpoint_names(Path(runs_root))]
-
-
-def base_title(spec: str, lang: str) -> str:
-    """The base pane's title, in the page's language; the spec (a visitor's text) as inline code."""
-    if not spec:
-        return ""
-    name = t("compare.demo_model", lang) if spec.strip().lower() == "demo" else spec
-    return t("compare.pane_base", lang, label=md_code(name))
-
-
-def tuned_title(ctx: AppContext, visitor: Visitor, checkpoint: str | None, lang: str) -> str:
-    """The tuned pane's title: the checkpoint's name as the visitor picked it, and how it was trained."""
-    if not checkpoint:
-        return t("compare.tuned_none", lang)
-    try:
-        path = ctx.policy.resolve_checkpoint(checkpoint, visitor)
-        cfg = g.checkpoint_config(path)
-    except RuozhiError:
-        path = cfg = None
-    how = ""
-    if cfg is not None:
-        base = md_code(t("compare.demo_model", lang) if cfg.model.spec == "demo" else cfg.model.spec)
-        kind = ("how_lora" if (path / "adapter_config.json").is_file()
-                else "how_merged" if cfg.method == "lora" else "how_full")
-        how = t(f"compare.{kind}", lang, r=cfg.lora_rank, base=base)
-    return t("compare.pane_tuned", lang, label=md_code(checkpoint), how=how)
-
-
-def settings_line(settings, lang: str) -> str:
-    """How a model decodes (decoding.DecodeSettings), in the page's language; '(model)' marks its own values."""
-    def mark(name: str) -> str:
-        return t("compare.dec_model", lang) if name in settings.from_model else ""
-
-    if settings.do_sample:
-        how = t("compare.dec_sampling", lang, mark=mark("do_sample"), temperature=f"{settings.temperature:g}",
-                t_mark=mark("temperature"), top_p=f"{settings.top_p:g}", p_mark=mark("top_p"), top_k=settings.top_k,
-                k_mark=mark("top_k"))
-    else:
-        how = t("compare.dec_greedy", lang, mark=mark("do_sample"))
-    penalty = (t("compare.dec_penalty", lang, value=f"{settings.repetition_penalty:g}",
-                 mark=mark("repetition_penalty")) if settings.repetition_penalty != 1.0
-               else t("compare.dec_no_penalty", lang, mark=mark("repetition_penalty")))
-    ends = ", ".join(settings.eos_tokens or map(str, settings.eos_token_ids))
-    stops = (t("compare.dec_stops", lang, ends=ends, mark=mark("eos_token_ids")) if settings.eos_token_ids
-             else t("compare.dec_never_stops", lang))
-    return " · ".join((how, penalty, stops, t("compare.dec_at_most", lang, n=settings.max_new_tokens)))
 
 
 # ---------------------------------------------------------------- cancel registry
@@ -260,12 +215,6 @@ def fetch_base_model(ctx: AppContext, base_spec: str, checkpoint: str | None, la
         raise GenerationError(key="compare.err_no_checkpoint")
     fetch_model_files(ctx.policy.check_model(base_spec or ""))
     return gr.skip()
-
-
-def with_settings(title: str, loaded, gen: GenConfig, lang: str) -> str:
-    """A pane's title and, under it, how that model decodes (its own generation_config unless overridden)."""
-    line = md_text(settings_line(g.settings_for(loaded, gen), lang))
-    return f"{title}  \n<small>{t('compare.decoding', lang, settings=line)}</small>"
 
 
 @user_errors("compare.error")

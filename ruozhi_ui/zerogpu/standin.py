@@ -58,6 +58,8 @@ def restore_cuda() -> None:
         _ORIGINAL.clear()
 
 
+# The stand-in pickles arguments and results between this process and the lease process it forked itself,
+# as `spaces` does; no bytes from a visitor or a file ever reach these loads (tests and the benchmark only).
 def _worker(fn: Callable, payload: bytes, conn) -> None:
     restore_cuda()
     try:
